@@ -1,0 +1,176 @@
+"""The command line: one command per stage (dvc.yaml calls these), and `run` for `mlflow run`.
+
+Entry points are thin: parse arguments, load the config once, call the stage.
+Known errors (bad params, bad files, unreachable store) end in one line on
+stderr and exit 1; Ctrl-C and SIGTERM exit 130 with the MLflow run KILLED.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.config import DEFAULT_PARAMS, Config, load_config
+from pipeline.errors import PipelineError
+
+RUN_OPTIONS = {  # `pipeline run` / MLproject -P names -> params.yaml keys
+    "model": "model.name",
+    "optimizer": "optimizer.name",
+    "learning_rate": "optimizer.learning_rate",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "dropout": "model.dropout",
+    "dataset": "data.source",
+}
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--params", "params_path", default=DEFAULT_PARAMS, type=click.Path(dir_okay=False),
+              help="The params file, validated once for every command.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a params.yaml key for this command, e.g. --set optimizer.name=sgd (repeatable). "
+                   "With dvc, prefer `dvc exp run -S KEY=VALUE` so DVC tracks the change.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.version_option(package_name="image-pipeline")
+@click.pass_context
+def cli(ctx: click.Context, params_path: str, overrides: tuple[str, ...], verbose: bool) -> None:
+    """Reproducible image-classification experiments with Keras, DVC and MLflow.
+
+    `dvc repro` runs fetch -> preprocess -> train -> evaluate -> predict as declared
+    in dvc.yaml; `mlflow run .` runs them through `pipeline run`.
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow.store", "urllib3", "matplotlib", "h5py", "absl"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    ctx.obj = {"params": params_path, "overrides": overrides}
+
+
+def _config(ctx: click.Context, extra: list[str] | tuple[str, ...] = ()) -> Config:
+    return load_config(ctx.obj["params"], [*ctx.obj["overrides"], *extra])
+
+
+@cli.command()
+@click.option("--out", default="data/raw", type=click.Path(file_okay=False), help="Raw arrays and manifest.json.")
+@click.pass_context
+def fetch(ctx: click.Context, out: str) -> None:
+    """Get the dataset named by data.source, verify it, write raw uint8 arrays and a manifest."""
+    from pipeline import fetch as stage
+
+    cfg = _config(ctx)
+    dataset = stage.fetch_dataset(cfg.data)
+    stage.save_raw(dataset, out)
+    click.echo(f"fetch: {cfg.data.source}: {dataset.manifest['counts']} -> {out}")
+
+
+@cli.command()
+@click.option("--raw", default="data/raw", type=click.Path(file_okay=False), help="The fetch stage's output.")
+@click.option("--out", default="data/prepared", type=click.Path(file_okay=False), help="Split, resized uint8 arrays and stats.json.")
+@click.pass_context
+def preprocess(ctx: click.Context, raw: str, out: str) -> None:
+    """Resize, convert channels, split train/val (stratified), compute normalisation statistics."""
+    from pipeline import fetch as fetch_stage
+    from pipeline import preprocess as stage
+
+    cfg = _config(ctx)
+    prepared = stage.preprocess(fetch_stage.load_raw(raw), cfg.preprocess, cfg.seed)
+    stage.save_prepared(prepared, out)
+    click.echo(f"preprocess: {prepared.stats['counts']} at {prepared.input_shape} -> {out}")
+
+
+@cli.command()
+@click.option("--data", default="data/prepared", type=click.Path(file_okay=False), help="The preprocess stage's output.")
+@click.option("--raw", default="data/raw", type=click.Path(file_okay=False), help="The fetch stage's output (manifest, input example).")
+@click.option("--out", default="data/train", type=click.Path(file_okay=False), help="model.keras, history.csv, summary.txt, run.json.")
+@click.pass_context
+def train(ctx: click.Context, data: str, raw: str, out: str) -> None:
+    """Train the model from model.*, optimizer.*, train.*, callbacks.*; log the run to MLflow."""
+    from pipeline import train as stage
+
+    run_id = stage.main(_config(ctx), data, raw, out)
+    click.echo(f"train: MLflow run {run_id} -> {out}")
+
+
+@cli.command()
+@click.option("--data", default="data/prepared", type=click.Path(file_okay=False), help="The preprocess stage's output.")
+@click.option("--train", "train_dir", default="data/train", type=click.Path(file_okay=False), help="The train stage's output.")
+@click.option("--metrics", default="data/evaluate/metrics.json", type=click.Path(dir_okay=False), help="Metrics for `dvc metrics show`.")
+@click.option("--plots", default="data/evaluate/plots", type=click.Path(file_okay=False), help="CSV data for `dvc plots show`.")
+@click.option("--figures", default="data/evaluate/figures", type=click.Path(file_okay=False), help="PNG plots.")
+@click.pass_context
+def evaluate(ctx: click.Context, data: str, train_dir: str, metrics: str, plots: str, figures: str) -> None:
+    """Loss, accuracy, per-class accuracy and confusion matrix on val and test; the notebooks' plots."""
+    from pipeline import evaluate as stage
+
+    result = stage.main(_config(ctx), data, train_dir, metrics, plots, figures)
+    shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float)}
+    click.echo(f"evaluate: {shown} -> {metrics}")
+
+
+@cli.command()
+@click.option("--raw", default="data/raw", type=click.Path(file_okay=False), help="The fetch stage's output.")
+@click.option("--train", "train_dir", default="data/train", type=click.Path(file_okay=False), help="The train stage's output.")
+@click.option("--out", default="data/predictions.csv", type=click.Path(dir_okay=False), help="The predictions CSV.")
+@click.pass_context
+def predict(ctx: click.Context, raw: str, train_dir: str, out: str) -> None:
+    """Predict the unlabeled set (or the test split) with the saved raw-pixel model; write a CSV."""
+    from pipeline import predict as stage
+
+    path = stage.main(_config(ctx), raw, train_dir, out)
+    click.echo(f"predict: -> {path}")
+
+
+@cli.command(name="run")
+@click.option("--model", default="", help="model.name")
+@click.option("--optimizer", default="", help="optimizer.name")
+@click.option("--learning-rate", "learning_rate", default="", help="optimizer.learning_rate")
+@click.option("--epochs", default="", help="train.epochs")
+@click.option("--batch-size", "batch_size", default="", help="train.batch_size")
+@click.option("--dropout", default="", help="model.dropout")
+@click.option("--dataset", default="", help="data.source")
+@click.option("--overrides", "more", default="", metavar="'K=V K=V'",
+              help="More params.yaml overrides, space-separated (MLproject's `set` param).")
+@click.option("--out", default="outputs/runs", type=click.Path(file_okay=False),
+              help="Where train/evaluate/predict outputs go, one folder per MLflow run id.")
+@click.pass_context
+def run(ctx: click.Context, out: str, more: str, **options: str) -> None:
+    """All stages in one MLflow run (the one `mlflow run` created, or a new one).
+
+    Empty options keep params.yaml's value; params.yaml itself is never edited.
+    The data stages are reused through `dvc repro` when their params are unchanged.
+    """
+    from pipeline import workflow
+
+    extra = [f"{RUN_OPTIONS[name]}={value}" for name, value in options.items() if value != ""]
+    extra += more.split()
+    cfg = _config(ctx, extra)
+    base = load_config(ctx.obj["params"])
+    run_id = workflow.run_all(cfg, base, out)
+    click.echo(f"run: MLflow run {run_id} -> {Path(out) / run_id}")
+
+
+def main() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of stage logs
+    try:
+        cli.main(standalone_mode=False, prog_name="pipeline")
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except PipelineError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

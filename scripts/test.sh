@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up, then run the test suite (arguments go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export PATH="$PWD/${PIPELINE_VENV:-.venv}/bin:$PATH"
+python -m pytest "$@"

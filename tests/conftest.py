@@ -1,0 +1,78 @@
+"""Shared fixtures: a throwaway copy of the project in a real git + DVC repo, tiny params."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: `pipeline`, `dvc`, `mlflow`
+PROJECT_FILES = ["pipeline", "dvc.yaml", "params.yaml", "MLproject", "conda.yaml", "pyproject.toml", ".gitignore"]
+
+# Small enough to train in seconds on 2 cores, big enough to learn digits.
+TINY_PARAMS = {
+    "data": {"source": "digits"},
+    "model": {"filters": [[8], [16]], "kernel_sizes": [3, 3], "dense": [32], "dropout": 0.1},
+    "optimizer": {"name": "adam", "learning_rate": 0.005},
+    "train": {"epochs": 3, "batch_size": 64},
+    "callbacks": {"early_stopping": {"enabled": False}, "reduce_lr": {"enabled": False}},
+    "mlflow": {"experiment_name": "tests"},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None, timeout: int = 600):
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    full_env.pop("MLFLOW_RUN_ID", None)
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{cmd} exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")
+    return done
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A copy of the project as a git repo with DVC initialised, params set to TINY_PARAMS."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, repo / name)
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY_PARAMS)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], repo)
+    run(["git", "config", "user.email", "tests@example.com"], repo)
+    run(["git", "config", "user.name", "tests"], repo)
+    run(["dvc", "init", "-q"], repo)
+    run(["dvc", "config", "core.analytics", "false"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "project"], repo)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return repo
+
+
+def set_params(repo: Path, extra: dict) -> None:
+    path = repo / "params.yaml"
+    path.write_text(yaml.safe_dump(merge(yaml.safe_load(path.read_text()), extra), sort_keys=False))
+
+
+def client(repo: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
