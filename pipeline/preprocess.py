@@ -65,9 +65,11 @@ def pixel_layers(raw_shape, input_shape) -> list:
     Discretization with boundaries at k+0.5 that rounds back to integer pixel
     values, exactly what this stage stores as uint8.
     """
+    raw_shape, input_shape = tuple(raw_shape), tuple(input_shape)
+    if raw_shape == input_shape:
+        return []  # nothing to do, and no TensorFlow import (seconds) for the common case
     import keras
 
-    raw_shape, input_shape = tuple(raw_shape), tuple(input_shape)
     layers = []
     if raw_shape[:2] != input_shape[:2]:
         layers.append(keras.layers.Resizing(*input_shape[:2], interpolation="bilinear", name="resize"))

@@ -50,7 +50,8 @@ def git_state(cwd: str | None = None) -> dict[str, str]:
         return {}
     if head.returncode != 0:
         return {}
-    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+    # dvc.lock is rewritten by `dvc repro` itself as stages finish: a record of outputs, not an input
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock").stdout.strip() != ""
     return {"mlflow.source.git.commit": head.stdout.strip(), "git.dirty": str(dirty).lower()}
 
 
