@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +113,10 @@ def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2) ->
     recorder = epoch_callback(on_epoch)
     callbacks = [recorder, *build_callbacks(cfg.callbacks)]  # recorder first: it reads the lr the epoch used
     start = time.perf_counter()
-    network.fit(train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=verbose)
+    network.fit(
+        train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=verbose,
+        shuffle=False,  # train_ds reshuffles itself every epoch
+    )
     seconds = time.perf_counter() - start
     stopped = next((cb.stopped_epoch + 1 for cb in callbacks if getattr(cb, "stopped_epoch", 0)), None)
     return TrainResult(network, pd.DataFrame(recorder.rows), seconds, stopped)
@@ -153,10 +157,12 @@ def main(cfg: Config, data_dir, raw_dir, out_dir) -> str:
     with tracking.run_scope(cfg, tags=tags) as run_id:
         mlflow.set_tags(tags)  # also on a run that `mlflow run` created
         mlflow.log_params(cfg.flat())
-        dataset = mlflow.data.from_numpy(
-            data.train_x, targets=data.train_y, source=str(Path(raw_dir).resolve()),
-            name=f"{cfg.data.source}-train", digest=digest,
-        )
+        with warnings.catch_warnings():  # MLflow warns that a local path matches two equivalent source kinds
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_numpy(
+                data.train_x, targets=data.train_y, source=str(Path(raw_dir).resolve()),
+                name=f"{cfg.data.source}-train", digest=digest,
+            )
         mlflow.log_input(dataset, context="training")
         for name in ("params.yaml", "dvc.lock"):
             if Path(name).is_file():
