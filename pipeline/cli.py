@@ -105,7 +105,8 @@ def train(ctx: click.Context, data: str, raw: str, out: str) -> None:
 @click.option("--train", "train_dir", default="data/train", type=click.Path(file_okay=False), help="The train stage's output.")
 @click.option("--metrics", default="data/evaluate/metrics.json", type=click.Path(dir_okay=False), help="Metrics for `dvc metrics show`.")
 @click.option("--plots", default="data/evaluate/plots", type=click.Path(file_okay=False), help="CSV data for `dvc plots show`.")
-@click.option("--figures", default="data/evaluate/figures", type=click.Path(file_okay=False), help="PNG plots.")
+@click.option("--figures", default="data/evaluate/figures", type=click.Path(file_okay=False),
+              help="PNG plots, and report.json with per-class accuracy and confusion matrices.")
 @click.pass_context
 def evaluate(ctx: click.Context, data: str, train_dir: str, metrics: str, plots: str, figures: str) -> None:
     """Loss, accuracy, per-class accuracy and confusion matrix on val and test; the notebooks' plots."""

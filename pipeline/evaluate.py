@@ -432,13 +432,14 @@ def main(cfg, data_dir, train_dir, metrics_path, plots_dir, figures_dir) -> dict
                   "confusion_matrix": {s: r["confusion_matrix"] for s, r in results.items()},
                   "class_names": data.class_names}
         with atomic_path(figures_dir) as tmp:
+            write_json(tmp / "report.json", report)  # the details; metrics.json keeps what `dvc metrics` compares
             history_plots(history, tmp)
             for split, result in results.items():
                 confusion_matrix_plot(result["confusion_matrix"], data.class_names, tmp / f"confusion_{split}.png",
                                       f"Confusion matrix, {split} split ({result['count']} images)")
         shown = "test" if "test" in predicted else "val"
         dvc_plot_data(history, *predicted[shown], data.class_names, plots_dir)
-        write_json(metrics_path, report)
+        write_json(metrics_path, headline)
         mlflow.log_metrics({f"final_{k}" if k.startswith("val_") else k: v for k, v in headline.items()})
         mlflow.log_metrics({
             f"{split}_class_accuracy/{name}": value

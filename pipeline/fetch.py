@@ -5,8 +5,15 @@ Sources (`data.source`):
 - ``fashion_mnist``: the four official IDX .gz files, from `data.dir` or downloaded. Every file is
   checked against the sha256 of its *decompressed* content, because Debian and the mirrors re-gzip
   the files (the .gz bytes differ between them, the IDX bytes do not).
+- ``mnist``: the same layout; each .gz file is checked against the md5 torchvision publishes for it
+  (see `IdxSource` for why a different kind of hash).
+- ``cifar10``: the official python-version tarball, sha256-checked before anything in it is read;
+  its pickled batches are read straight from the archive (nothing is extracted to disk), with an
+  unpickler that only rebuilds numpy arrays.
 - ``csv``: a Kaggle-style labeled CSV (id, label, one column per pixel, row-major HWC) and an
   optional unlabeled CSV (id, pixels) whose images the predict stage labels.
+- ``image_folder``: one sub-folder of PNG/JPEG files per class, and an optional folder of unlabeled
+  images to predict; every image is converted to `data.image_shape` with Pillow.
 - ``digits``: scikit-learn's bundled 8x8 digits, with a fixed stratified test split.
 
 `fetch_dataset` only reads its inputs; `save_raw` / `load_raw` write and read the stage's output
@@ -19,12 +26,15 @@ import csv
 import gzip
 import hashlib
 import importlib.util
+import io
 import json
 import logging
 import os
+import pickle
+import tarfile
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -64,13 +74,29 @@ class RawDataset:
 
 @dataclass(frozen=True)
 class IdxSource:
-    """A dataset in the MNIST layout: an images and a labels IDX .gz file per split (IDX_SPLITS)."""
+    """A dataset in the MNIST layout: an images and a labels IDX .gz file per split (IDX_SPLITS).
+
+    Each file stem has exactly one known hash, in `content_sha256` or in `gz_md5`, because what we
+    can vouch for differs between datasets:
+
+    - content_sha256, the sha256 of the decompressed IDX bytes: Debian and the mirrors re-gzip
+      Fashion-MNIST (their .gz bytes differ, the IDX bytes do not), so only a content hash fits
+      every copy.
+    - gz_md5, the md5 of the .gz file itself: for MNIST the only hashes we can vouch for offline are
+      the MD5s torchvision publishes for the original .gz files, which the mirrors serve byte for
+      byte. It is checked before decompressing, so an unverified file is never gunzipped. MD5 catches
+      corrupt and wrong files, not a deliberately forged one; IDX parsing runs no code, so that is
+      enough here. A re-compressed copy of MNIST fails the check although its content is right.
+
+    The manifest records which check passed (`verified_by`) and the content sha256 in both cases.
+    """
 
     folder: str  # subfolder of data.download_dir that downloads go to
     urls: tuple[str, ...]  # base URLs tried in order; the file name is appended
-    content_sha256: dict[str, str]  # decompressed file name -> sha256 of its IDX bytes
     class_names: tuple[str, ...]
     install_hint: str  # how to get the files without a download
+    content_sha256: dict[str, str] = field(default_factory=dict)  # file stem -> sha256 of the decompressed IDX bytes
+    gz_md5: dict[str, str] = field(default_factory=dict)  # file stem -> md5 of the .gz file
 
 
 # (images, labels) file stems per split, shared by MNIST and Fashion-MNIST
@@ -99,6 +125,63 @@ IDX_SOURCES = {
         ),
         install_hint="install them with `apt-get install dataset-fashion-mnist`",
     ),
+    "mnist": IdxSource(
+        folder="mnist",
+        urls=(
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",  # CVDF's mirror of the original files
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",  # torchvision.datasets.MNIST's mirror
+        ),
+        # torchvision.datasets.MNIST.resources: MD5s of the original .gz files
+        gz_md5={
+            "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+        class_names=tuple(str(digit) for digit in range(10)),
+        install_hint="fetch them from https://ossci-datasets.s3.amazonaws.com/mnist/ on a machine with network access",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ArchiveSource:
+    """A dataset shipped as one .tar.gz of pickled batches, as CIFAR's python version is.
+
+    Each batch is a dict with b"data", a uint8 (N, 3072) array whose rows are 32x32 images as 1024
+    red, 1024 green then 1024 blue values (row-major CHW), and a list of N class indices under
+    `label_key`; the meta member lists the class names under `names_key`.
+    """
+
+    file_name: str
+    folder: str  # subfolder of data.download_dir that downloads go to
+    urls: tuple[str, ...]  # base URLs tried in order; the file name is appended
+    sha256: str  # of the .tar.gz file; checked before the archive is opened
+    train_members: tuple[str, ...]  # in order
+    test_members: tuple[str, ...]
+    meta_member: str
+    label_key: bytes
+    names_key: bytes
+    install_hint: str
+
+
+CIFAR_SIDE = 32
+CIFAR_CHANNELS = 3
+
+ARCHIVE_SOURCES = {
+    "cifar10": ArchiveSource(
+        file_name="cifar-10-python.tar.gz",
+        folder="cifar10",
+        urls=("https://www.cs.toronto.edu/~kriz/",),  # the dataset's home page, as keras.datasets.cifar10
+        sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",  # keras.datasets.cifar10's
+        train_members=tuple(f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)),
+        test_members=("cifar-10-batches-py/test_batch",),
+        meta_member="cifar-10-batches-py/batches.meta",
+        label_key=b"labels",
+        names_key=b"label_names",
+        install_hint="fetch it from https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz on a machine with "
+                     "network access",
+    ),
 }
 
 
@@ -106,11 +189,16 @@ def fetch_dataset(cfg: DataConfig) -> RawDataset:
     """Read and check the source `cfg.source`; raise PipelineError on any bad or missing input."""
     if cfg.source in IDX_SOURCES:
         return _fetch_idx(cfg.source, cfg)
+    if cfg.source in ARCHIVE_SOURCES:
+        return _fetch_archive(cfg.source, cfg)
     if cfg.source == "csv":
         return _fetch_csv(cfg)
+    if cfg.source == "image_folder":
+        return _fetch_image_folder(cfg)
     if cfg.source == "digits":
         return _fetch_digits()
-    raise PipelineError(f"data.source = {cfg.source!r}: expected one of {[*IDX_SOURCES, 'csv', 'digits']}")
+    known = [*IDX_SOURCES, *ARCHIVE_SOURCES, "csv", "image_folder", "digits"]
+    raise PipelineError(f"data.source = {cfg.source!r}: expected one of {known}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,24 +267,39 @@ def _fetch_idx(source: str, cfg: DataConfig) -> RawDataset:
 
 
 def _verified_idx(spec: IdxSource, stem: str, magic: int, cfg: DataConfig) -> tuple[np.ndarray, dict]:
+    if (stem in spec.content_sha256) == (stem in spec.gz_md5):
+        raise ValueError(f"IdxSource for {spec.folder}: {stem} needs exactly one known hash")
     name = f"{stem}.gz"
     path, url = _locate(spec, name, cfg)
     raw = path.read_bytes()
-    content = _gunzip(raw, path)
-    actual = hashlib.sha256(content).hexdigest()
-    expected = spec.content_sha256[stem]
-    if actual != expected:
-        raise PipelineError(
-            f"{path}: sha256 of the decompressed {stem} is {actual}, expected {expected}; "
-            "the file is corrupt or not the official one: delete or replace it"
-        )
-    logger.info("verified %s (content sha256 %s)", path, actual)
     record = {"name": name, "path": str(path), **({"url": url} if url else {})}
-    record.update(sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw), content_sha256=actual)
+    record.update(sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw))
+    if stem in spec.gz_md5:
+        actual = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+        expected = spec.gz_md5[stem]
+        if actual != expected:
+            raise PipelineError(
+                f"{path}: md5 of the .gz file is {actual}, expected {expected}; the file is corrupt, "
+                "re-compressed or not the official one: delete or replace it"
+            )
+        logger.info("verified %s (md5 %s)", path, actual)
+        record.update(verified_by="gz_md5", md5=actual)
+    content = _gunzip(raw, path)
+    content_sha256 = hashlib.sha256(content).hexdigest()
+    if stem in spec.content_sha256:
+        expected = spec.content_sha256[stem]
+        if content_sha256 != expected:
+            raise PipelineError(
+                f"{path}: sha256 of the decompressed {stem} is {content_sha256}, expected {expected}; "
+                "the file is corrupt or not the official one: delete or replace it"
+            )
+        logger.info("verified %s (content sha256 %s)", path, content_sha256)
+        record["verified_by"] = "content_sha256"
+    record["content_sha256"] = content_sha256
     return parse_idx(content, name, magic), record
 
 
-def _locate(spec: IdxSource, name: str, cfg: DataConfig) -> tuple[Path, str | None]:
+def _locate(spec: IdxSource | ArchiveSource, name: str, cfg: DataConfig) -> tuple[Path, str | None]:
     """Path of `name`, from data.dir or else downloaded; the URL too when downloaded now."""
     local = Path(cfg.dir).expanduser() / name
     if local.is_file():
@@ -209,7 +312,7 @@ def _locate(spec: IdxSource, name: str, cfg: DataConfig) -> tuple[Path, str | No
     return _download(spec, name, cfg)
 
 
-def _download(spec: IdxSource, name: str, cfg: DataConfig) -> tuple[Path, str | None]:
+def _download(spec: IdxSource | ArchiveSource, name: str, cfg: DataConfig) -> tuple[Path, str | None]:
     cache_dir = Path(os.path.expanduser(cfg.download_dir))
     cached = cache_dir / spec.folder / name
     if cached.is_file():
@@ -251,11 +354,138 @@ def _gunzip(raw: bytes, path: Path) -> bytes:
 
 
 def _check_label_range(labels: np.ndarray, name: str, num_classes: int) -> None:
-    bad = np.flatnonzero(labels >= num_classes)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         raise PipelineError(
             f"{name}: label {int(labels[bad[0]])} at index {int(bad[0])}; expected 0..{num_classes - 1}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# pickled-batch archive (CIFAR python version)
+
+# The globals a pickled numpy array needs, numpy 1 and 2 spellings; the same list as Keras' own
+# CIFAR loader (keras.src.datasets.npz_utils). Anything else (os.system, builtins.eval) is refused.
+PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+})
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only."""
+
+    def find_class(self, module, name):
+        if (module, name) in PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load the global {module}.{name}; only numpy arrays are allowed")
+
+
+def _fetch_archive(source: str, cfg: DataConfig) -> RawDataset:
+    spec = ARCHIVE_SOURCES[source]
+    path, url = _locate(spec, spec.file_name, cfg)
+    # Checked before the archive is opened: only the official file's pickles are ever unpickled.
+    actual = sha256_file(path)
+    if actual != spec.sha256:
+        raise PipelineError(
+            f"{path}: sha256 is {actual}, expected {spec.sha256}; the file is corrupt or not the official "
+            f"{spec.file_name}: delete or replace it"
+        )
+    logger.info("verified %s (sha256 %s)", path, actual)
+    members = read_tar_members(path, [*spec.train_members, *spec.test_members, spec.meta_member])
+    meta = _unpickle(members[spec.meta_member], path, spec.meta_member)
+    class_names = _class_names(meta, spec, path)
+    splits = {}
+    for split, names in (("train", spec.train_members), ("test", spec.test_members)):
+        batches = [_batch(_unpickle(members[name], path, name), spec, path, name) for name in names]
+        for (_, labels), name in zip(batches, names):
+            _check_label_range(labels, f"{path}: {name}", len(class_names))
+        splits[split] = (np.concatenate([x for x, _ in batches]), np.concatenate([y for _, y in batches]))
+    record = {"role": "archive", "name": spec.file_name, "path": str(path), **({"url": url} if url else {}),
+              "sha256": actual, "bytes": path.stat().st_size, "members": list(members)}
+    return _dataset(source, [record], class_names, splits["train"], test=splits["test"])
+
+
+def read_tar_members(path: str | os.PathLike, names: list[str]) -> dict[str, bytes]:
+    """The bytes of the members `names` of a .tar.gz, read in one pass without extracting anything.
+
+    Every member is checked, read or not: an absolute path, a `..` component, a link or a device
+    rejects the whole archive, since such an archive is not the one we expect.
+    """
+    path, wanted, found = Path(path), set(names), {}
+    try:
+        with tarfile.open(path, mode="r:gz") as archive:
+            for member in archive:
+                problem = _unsafe_member(member)
+                if problem:
+                    raise PipelineError(
+                        f"{path}: member {member.name!r} {problem}; refusing the archive, whose members "
+                        "must be plain files and folders inside it"
+                    )
+                if member.name in wanted:
+                    if member.name in found:
+                        raise PipelineError(f"{path}: member {member.name!r} appears twice; expected it once")
+                    if not member.isfile():
+                        raise PipelineError(f"{path}: member {member.name!r} is not a regular file")
+                    found[member.name] = archive.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise PipelineError(f"{path}: not a readable .tar.gz archive ({exc}); delete or replace it") from None
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise PipelineError(f"{path}: no member {missing[0]!r}; expected the members {names}")
+    return {name: found[name] for name in names}
+
+
+def _unsafe_member(member: tarfile.TarInfo) -> str | None:
+    name = PurePosixPath(member.name)  # tar member names use "/" whatever the platform
+    if name.is_absolute():
+        return "has an absolute path"
+    if ".." in name.parts:
+        return "has a '..' component"
+    if member.issym() or member.islnk():
+        return f"is a link to {member.linkname!r}"
+    if not (member.isfile() or member.isdir()):
+        return "is a device, FIFO or other special file"
+    return None
+
+
+def _unpickle(data: bytes, path: Path, name: str):
+    # encoding="bytes", as the official loader: the batches are Python 2 pickles of byte strings
+    try:
+        return ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise PipelineError(f"{path}: member {name!r} is not a readable pickle ({exc})") from None
+
+
+def _batch(batch, spec: ArchiveSource, path: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 32, 32, 3) uint8 images and (N,) int64 labels of one unpickled batch."""
+    where = f"{path}: {name}"
+    if not isinstance(batch, dict) or b"data" not in batch or spec.label_key not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise PipelineError(f"{where}: expected a dict with keys b'data' and {spec.label_key!r}, found {keys}")
+    data, labels = batch[b"data"], np.asarray(batch[spec.label_key])
+    pixels = CIFAR_SIDE * CIFAR_SIDE * CIFAR_CHANNELS
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == pixels):
+        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise PipelineError(f"{where}: b'data' is {found}; expected a uint8 array of shape (N, {pixels})")
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise PipelineError(
+            f"{where}: {spec.label_key!r} holds {labels.shape} {labels.dtype} values for {len(data)} images; "
+            "expected one integer label per image"
+        )
+    # each row is CHW (1024 red, 1024 green, 1024 blue values, each row-major) -> HWC
+    images = data.reshape(-1, CIFAR_CHANNELS, CIFAR_SIDE, CIFAR_SIDE).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int64)
+
+
+def _class_names(meta, spec: ArchiveSource, path: Path) -> list[str]:
+    names = meta.get(spec.names_key) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
+        raise PipelineError(f"{path}: {spec.meta_member}: expected a non-empty list of class names under "
+                            f"{spec.names_key!r}")
+    return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,6 +675,141 @@ def _where(path: Path, row: int, column: str) -> str:
 
 def _file_record(path: Path) -> dict:
     return {"name": path.name, "path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+# ---------------------------------------------------------------------------------------------
+# image folder
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # matched case-insensitively
+IMAGE_FORMATS = ("PNG", "JPEG")  # the only decoders Pillow may use, whatever the file name says
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale PNGs open in these
+
+
+def _fetch_image_folder(cfg: DataConfig) -> RawDataset:
+    spec = cfg.image_folder
+    if spec.train is None:
+        raise PipelineError(
+            "data.image_folder.train is not set; expected a folder with one sub-folder of PNG or JPEG images "
+            "per class when data.source is image_folder"
+        )
+    shape = tuple(int(d) for d in cfg.image_shape)
+    train_dir = _folder(spec.train, "data.image_folder.train")
+    class_dirs = _class_folders(train_dir)
+    paths, labels = [], []
+    for index, class_dir in enumerate(class_dirs):
+        images = _image_files(class_dir)
+        if not images:
+            raise PipelineError(
+                f"{class_dir}: no {', '.join(IMAGE_SUFFIXES)} files; expected at least one image in each class "
+                "folder (remove the folder to drop the class)"
+            )
+        paths += images
+        labels += [index] * len(images)
+    train_x, record = _read_images(train_dir, paths, shape, spec.resize)
+    files = [{"role": "train", **record}]
+    unlabeled = None
+    if spec.unlabeled is not None:
+        unlabeled_dir = _folder(spec.unlabeled, "data.image_folder.unlabeled")
+        images = _image_files(unlabeled_dir)
+        if not images:
+            raise PipelineError(
+                f"{unlabeled_dir}: no {', '.join(IMAGE_SUFFIXES)} files (data.image_folder.unlabeled); "
+                "expected the images to predict"
+            )
+        unlabeled_x, record = _read_images(unlabeled_dir, images, shape, spec.resize)
+        unlabeled = (unlabeled_x, np.array([p.name for p in images]))
+        files.append({"role": "unlabeled", **record})
+    class_names = [d.name for d in class_dirs]
+    return _dataset("image_folder", files, class_names, (train_x, np.array(labels, dtype=np.int64)),
+                    unlabeled=unlabeled)
+
+
+def _folder(name: str, key: str) -> Path:
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        what = "not a folder" if folder.exists() else "folder not found"
+        raise PipelineError(f"{folder}: {what} ({key}); expected a folder of images")
+    return folder
+
+
+def _visible(folder: Path) -> list[Path]:
+    """The folder's entries in sorted name order; hidden ones (.DS_Store, .ipynb_checkpoints) are skipped."""
+    return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _class_folders(train_dir: Path) -> list[Path]:
+    entries = _visible(train_dir)
+    stray = [p for p in entries if not p.is_dir()]
+    if stray:
+        raise PipelineError(
+            f"{stray[0]}: not in a class sub-folder; expected data.image_folder.train ({train_dir}) to hold "
+            "only one sub-folder of images per class"
+        )
+    if len(entries) < 2:
+        found = f"only {entries[0].name!r}" if entries else "none"
+        raise PipelineError(
+            f"{train_dir}: class sub-folders: {found} (data.image_folder.train); expected one sub-folder of "
+            "images per class, at least two classes"
+        )
+    return entries
+
+
+def _image_files(folder: Path) -> list[Path]:
+    entries = _visible(folder)
+    for entry in entries:
+        if not (entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES):
+            raise PipelineError(
+                f"{entry}: expected only {', '.join(IMAGE_SUFFIXES)} files in {folder} "
+                "(hidden files are skipped, sub-folders are not read)"
+            )
+    return entries
+
+
+def _read_images(root: Path, paths: list[Path], shape: tuple[int, int, int], resize: bool) -> tuple[np.ndarray, dict]:
+    """(N, H, W, C) uint8 images and a record whose content_sha256 covers every file's path and bytes."""
+    from PIL import Image  # imported here: only this source needs Pillow
+
+    images = np.empty((len(paths), *shape), dtype=np.uint8)
+    tree = hashlib.sha256()  # over "relative path NUL sha256 LF" lines: a renamed class changes the data
+    total = resized = 0
+    for i, path in enumerate(paths):
+        data = path.read_bytes()
+        tree.update(f"{path.relative_to(root).as_posix()}\0{hashlib.sha256(data).hexdigest()}\n".encode())
+        total += len(data)
+        images[i], was_resized = _decode_image(Image, data, path, shape, resize)
+        resized += was_resized
+    logger.info("read %d images from %s (%d resized)", len(paths), root, resized)
+    record = {"name": root.name, "path": str(root), "images": len(paths), "bytes": total,
+              "content_sha256": tree.hexdigest(), "resized": resized}
+    return images, record
+
+
+def _decode_image(Image, data: bytes, path: Path, shape: tuple[int, int, int], resize: bool) -> tuple[np.ndarray, bool]:
+    """One image as (H, W, C) uint8: mode L (1 channel) or RGB (3; alpha dropped), resized if allowed."""
+    height, width, channels = shape
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as opened:
+            opened.load()
+            image = opened
+            if image.mode in SIXTEEN_BIT_MODES:  # Pillow's convert("L") would clip 16-bit values at 255
+                wide = np.asarray(image, dtype=np.int64)
+                image = Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8), mode="L")
+            mode = "L" if channels == 1 else "RGB"
+            if image.mode != mode:
+                image = image.convert(mode)
+            size = image.size  # (width, height)
+            if size != (width, height) and resize:
+                image = image.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        # UnidentifiedImageError (not PNG or JPEG) and "image file is truncated" are OSErrors
+        raise PipelineError(f"{path}: not a readable PNG or JPEG image ({exc}); fix or remove the file") from None
+    if size != (width, height) and not resize:
+        raise PipelineError(
+            f"{path}: {size[1]}x{size[0]} pixels (height x width), expected {height}x{width} for "
+            f"data.image_shape {list(shape)}; set data.image_folder.resize=true to resize"
+        )
+    return pixels.reshape(shape), size != (width, height)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,6 +127,9 @@ def log_epoch(run_id: str, epoch: int, row: dict[str, float]) -> None:
 def epoch_callback(on_epoch: Callable[[dict], None] | None = None):
     """A Keras callback that records each epoch's logs, learning rate and wall seconds.
 
+    The learning rate is the one the epoch's first step used: read when the epoch begins, where
+    Keras evaluates a schedule at the current iteration (and after ReduceLROnPlateau's changes).
+
     `rows` holds the history (one dict per epoch, `epoch` 1-based); `on_epoch`
     (e.g. MLflow logging) is called with each row as it completes.
     """
@@ -141,15 +144,17 @@ def epoch_callback(on_epoch: Callable[[dict], None] | None = None):
             super().__init__()
             self.rows: list[dict] = []
             self._start = 0.0
+            self._rate = float("nan")
 
         def on_epoch_begin(self, epoch, logs=None):
             self._start = time.perf_counter()
+            self._rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self._start
             row = {"epoch": epoch + 1}
             row.update({k: float(v) for k, v in (logs or {}).items() if np.ndim(v) == 0})
-            row["learning_rate"] = float(np.array(self.model.optimizer.learning_rate))
+            row["learning_rate"] = self._rate
             row["epoch_seconds"] = seconds
             self.rows.append(row)
             if on_epoch is not None:

@@ -1,23 +1,45 @@
-"""Train stage: build the model and optimizer from params, fit through a tf.data pipeline."""
+"""Train stage: build the model and optimizer from params, fit through a tf.data pipeline.
+
+Everything a notebook experiment changes is a param: the optimizer and its own
+arguments, a learning-rate schedule, gradient clipping, label smoothing,
+callbacks (early stopping, plateau reduction, best checkpoint), continuing
+from a saved model, and on-the-fly augmentation of the training batches.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.config import CallbacksConfig, Config, OptimizerConfig
+from pipeline.config import OPTIMIZER_PARAMS, AugmentConfig, CallbacksConfig, Config, OptimizerConfig
 from pipeline.errors import PipelineError
 from pipeline.preprocess import Prepared
 
 log = logging.getLogger(__name__)
+
+OPTIMIZERS = {  # optimizer.name -> keras.optimizers class name
+    "sgd": "SGD",
+    "rmsprop": "RMSprop",
+    "adam": "Adam",
+    "adamax": "Adamax",
+    "adadelta": "Adadelta",
+    "adagrad": "Adagrad",
+    "nadam": "Nadam",
+}
+SAMPLE_ROWS = 8  # images in the augmentation sample grid (the first of each class, then the next ones)
+SAMPLE_DRAWS = 5  # augmented versions of each, beside the original
 
 
 def seed_everything(seed: int) -> None:
@@ -27,10 +49,14 @@ def seed_everything(seed: int) -> None:
     keras.utils.set_random_seed(seed)
 
 
-def make_dataset(x: np.ndarray, y: np.ndarray | None, stats: dict, batch_size: int, shuffle: bool, seed: int = 0):
-    """uint8 images batched, then normalised per batch with the preprocess statistics; prefetched.
+def make_dataset(x: np.ndarray, y: np.ndarray | None, stats: dict, batch_size: int, shuffle: bool, seed: int = 0,
+                 *, num_classes: int | None = None, augment=None):
+    """uint8 images batched, [augmented,] then normalised per batch with the preprocess statistics; prefetched.
 
     Images stay uint8 until the batch (4x less memory traffic than float32 arrays).
+    num_classes: turn the labels into one-hot vectors of that length (what label smoothing needs);
+    None keeps class indices. augment: a Keras layer given each batch as float32 pixel values
+    (0..255) in training mode, before normalisation; for the training split only.
     """
     import tensorflow as tf
 
@@ -42,26 +68,158 @@ def make_dataset(x: np.ndarray, y: np.ndarray | None, stats: dict, batch_size: i
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
+    if augment is not None:
+        # Not parallel: the layers draw from shared seed generators, and parallel calls take their
+        # draws in a varying order, so the same seed would give different images from run to run.
+        if y is None:
+            ds = ds.map(lambda images: augment(tf.cast(images, "float32"), training=True))
+        else:
+            ds = ds.map(lambda images, labels: (augment(tf.cast(images, "float32"), training=True), labels))
     if y is None:
         ds = ds.map(lambda images: norm(images), num_parallel_calls=tf.data.AUTOTUNE)
-    else:
+    elif num_classes is None:
         ds = ds.map(lambda images, labels: (norm(images), labels), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(lambda images, labels: (norm(images), tf.one_hot(labels, num_classes)),
+                    num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def build_optimizer(cfg: OptimizerConfig):
+def build_augmenter(cfg: AugmentConfig, seed: int):
+    """The augmentation layers augment.* asks for, in a keras.Sequential; None when all are off.
+
+    Each layer has its own seed derived from `seed`, so a run's augmentations are reproducible.
+    """
+    import keras
+    from keras import layers
+
+    chosen = []
+    if cfg.flip != "none":
+        chosen.append(layers.RandomFlip(cfg.flip, seed=seed + 1))
+    if cfg.translation:
+        chosen.append(layers.RandomTranslation(cfg.translation, cfg.translation, fill_mode=cfg.fill_mode,
+                                               seed=seed + 2))
+    if cfg.rotation_degrees:  # Keras takes the angle as a fraction of a full turn
+        chosen.append(layers.RandomRotation(cfg.rotation_degrees / 360.0, fill_mode=cfg.fill_mode, seed=seed + 3))
+    if cfg.zoom:
+        chosen.append(layers.RandomZoom(cfg.zoom, fill_mode=cfg.fill_mode, seed=seed + 4))
+    if cfg.contrast:
+        chosen.append(layers.RandomContrast(cfg.contrast, value_range=(0, 255), seed=seed + 5))
+    return keras.Sequential(chosen, name="augment") if chosen else None
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, steps_per_epoch: int, epochs: int):
+    """The keras.optimizers.schedules object for optimizer.decay / optimizer.schedule; None for a constant rate.
+
+    Schedules count optimizer steps (batches); the epochs in params are converted with `steps_per_epoch`.
+    """
+    from keras.optimizers import schedules
+
+    rate, schedule = cfg.learning_rate, cfg.schedule
+
+    def steps(epoch_count: float) -> int:
+        return max(1, round(epoch_count * steps_per_epoch))
+
+    if cfg.decay:  # Keras 2's per-iteration decay: rate / (1 + decay * iterations)
+        return schedules.InverseTimeDecay(rate, decay_steps=1, decay_rate=cfg.decay)
+    if schedule.name == "exponential":
+        return schedules.ExponentialDecay(rate, steps(schedule.decay_epochs), schedule.decay_rate)
+    if schedule.name == "step" and schedule.boundaries:
+        # PiecewiseConstantDecay keeps values[i] up to and including boundaries[i]: the new rate starts
+        # with the first step of the epoch after each boundary epoch.
+        boundaries = [epoch * steps_per_epoch - 1 for epoch in schedule.boundaries]
+        values = [rate * schedule.decay_rate**i for i in range(len(boundaries) + 1)]
+        return schedules.PiecewiseConstantDecay(boundaries, values)
+    if schedule.name == "step":
+        return schedules.ExponentialDecay(rate, steps(schedule.decay_epochs), schedule.decay_rate, staircase=True)
+    if schedule.name == "cosine":
+        alpha = 0.0 if schedule.alpha is None else schedule.alpha
+        warmup = steps(schedule.warmup_epochs) if schedule.warmup_epochs else 0
+        length = steps(schedule.decay_epochs) if schedule.decay_epochs else max(1, epochs * steps_per_epoch - warmup)
+        if warmup:
+            return schedules.CosineDecay(0.0, length, alpha=alpha, warmup_target=rate, warmup_steps=warmup)
+        return schedules.CosineDecay(rate, length, alpha=alpha)
+    return None
+
+
+def build_optimizer(cfg: OptimizerConfig, learning_rate=None):
+    """The Keras optimizer optimizer.* names, at `learning_rate` (a float or a schedule; default: cfg's rate).
+
+    Only the params given (not null) are passed, so the others keep Keras' defaults.
+    """
     import keras
 
-    if cfg.name == "sgd":
-        return keras.optimizers.SGD(cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    if cfg.name == "rmsprop":
-        return keras.optimizers.RMSprop(cfg.learning_rate, momentum=cfg.momentum)
-    if cfg.name == "adam":
-        return keras.optimizers.Adam(cfg.learning_rate)
-    raise PipelineError(f"optimizer.name = {cfg.name!r} has no builder")  # config validation keeps this unreachable
+    if cfg.name not in OPTIMIZERS:  # config validation keeps this unreachable
+        raise PipelineError(f"optimizer.name = {cfg.name!r} has no builder")
+    own = {key: getattr(cfg, key) for key in OPTIMIZER_PARAMS[cfg.name] if getattr(cfg, key) is not None}
+    clipping = {key: getattr(cfg, key) for key in ("clipnorm", "clipvalue", "global_clipnorm")
+                if getattr(cfg, key) is not None}
+    rate = cfg.learning_rate if learning_rate is None else learning_rate
+    return getattr(keras.optimizers, OPTIMIZERS[cfg.name])(rate, **own, **clipping)
 
 
-def build_callbacks(cfg: CallbacksConfig) -> list:
+@functools.cache
+def _keras_classes():
+    """Keras subclasses, defined on first use so that importing this module does not import Keras."""
+    import keras
+
+    class ScaledSchedule(keras.optimizers.schedules.LearningRateSchedule):
+        """`schedule` times a factor that ReduceLROnPlateau lowers: Keras' callback cannot set a schedule's rate.
+
+        As with Keras 2's `decay`, the plateau scales the base rate (optimizer.learning_rate) and the
+        schedule's shape applies on top; min_lr bounds that base rate.
+        """
+
+        def __init__(self, schedule, base_rate: float):
+            super().__init__()
+            self.schedule = schedule
+            self.base_rate = float(base_rate)
+            self.scale = keras.Variable(1.0, trainable=False, name="plateau_scale")
+
+        def __call__(self, step):
+            return keras.ops.multiply(self.schedule(step), keras.ops.cast(self.scale, "float32"))
+
+        def get_config(self):
+            return {"schedule": keras.optimizers.schedules.serialize(self.schedule),
+                    "base_rate": self.base_rate, "scale": float(self.scale.numpy())}
+
+    class ReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+        """Keras' callback; with a ScaledSchedule it lowers the schedule's factor instead of the rate."""
+
+        def __init__(self, scaled: ScaledSchedule, **kwargs):
+            super().__init__(**kwargs)
+            self.scaled = scaled
+
+        # Keras 3.15's private hook for one optimizer. Were it renamed, Keras' own code would try to set the
+        # schedule-driven rate and fail loudly (TypeError), not silently; tests/test_train.py checks the scaling.
+        def _reduce_optimizer_lr(self, optimizer, epoch, name=""):
+            base = self.scaled.base_rate * float(self.scaled.scale.numpy())
+            if base <= np.float32(self.min_lr):
+                return False
+            new_base = max(base * self.factor, self.min_lr)
+            self.scaled.scale.assign(new_base / self.scaled.base_rate)
+            return True
+
+    class BestCheckpoint(keras.callbacks.ModelCheckpoint):
+        """ModelCheckpoint(save_best_only) that also remembers the epoch (1-based) it saved last."""
+
+        best_epoch: int | None = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            before = self.best
+            super().on_epoch_end(epoch, logs)
+            if self.best is not before:
+                self.best_epoch = epoch + 1
+
+    return SimpleNamespace(ScaledSchedule=ScaledSchedule, ReduceLROnPlateau=ReduceLROnPlateau,
+                           BestCheckpoint=BestCheckpoint)
+
+
+def build_callbacks(cfg: CallbacksConfig, scaled_schedule=None) -> list:
+    """EarlyStopping and ReduceLROnPlateau as callbacks.* says (the checkpoint is train_model's own).
+
+    scaled_schedule: the ScaledSchedule the optimizer runs on, which ReduceLROnPlateau then scales.
+    """
     import keras
 
     callbacks = []
@@ -78,12 +236,56 @@ def build_callbacks(cfg: CallbacksConfig) -> list:
         )
     rl = cfg.reduce_lr
     if rl.enabled:
-        callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(
-                monitor=rl.monitor, factor=rl.factor, patience=rl.patience, min_lr=rl.min_lr
-            )
-        )
+        settings = dict(monitor=rl.monitor, mode=rl.mode, factor=rl.factor, patience=rl.patience,
+                        min_delta=rl.min_delta, cooldown=rl.cooldown, min_lr=rl.min_lr)
+        if scaled_schedule is None:
+            callbacks.append(keras.callbacks.ReduceLROnPlateau(**settings))
+        else:
+            callbacks.append(_keras_classes().ReduceLROnPlateau(scaled_schedule, **settings))
     return callbacks
+
+
+def load_initial_weights(network, path: str) -> None:
+    """Copy into `network`, layer by layer, the weights of the network inside a model.keras the train stage saved.
+
+    The layers with weights must match by name and shape: the file's network must be the one
+    model.* describes for this data, so that the params logged are those of the network trained.
+    """
+    import keras
+
+    where = f"train.initial_model = {path!r}"
+    if not Path(path).is_file():
+        raise PipelineError(f"{where}: file not found; expected a model.keras saved by the train stage "
+                            "(a relative path is from the repository root)")
+    try:
+        saved = keras.models.load_model(path, compile=False)
+    except Exception as exc:  # a corrupt or foreign file fails in any of Keras' or h5py's ways
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"{where}: cannot be loaded as a Keras model ({first})") from None
+    try:
+        saved = saved.get_layer("network")
+    except ValueError:
+        raise PipelineError(f"{where}: has no layer named 'network'; expected the raw-pixel model "
+                            "that the train stage saves") from None
+    here = {layer.name: layer for layer in network.layers if layer.weights}
+    there = {layer.name: layer for layer in saved.layers if layer.weights}
+    problem = None
+    if here.keys() != there.keys():
+        missing, extra = sorted(set(here) - set(there)), sorted(set(there) - set(here))
+        problem = (f"layers {missing} are missing from it" if missing else "") + (
+            ("; " if missing else "") + f"it has extra layers {extra}" if extra else "")
+    else:
+        for name, layer in here.items():
+            shapes = [tuple(w.shape) for w in layer.weights]
+            saved_shapes = [tuple(w.shape) for w in there[name].weights]
+            if shapes != saved_shapes:
+                problem = f"layer {name!r} has weights of shapes {saved_shapes} in the file, {shapes} here"
+                break
+    if problem:
+        raise PipelineError(f"{where}: its network does not match the one model.* describes for this data "
+                            f"({problem}); set model.* and preprocess.* as for the run that saved it")
+    for name, layer in here.items():
+        layer.set_weights(there[name].get_weights())
 
 
 @dataclass
@@ -92,34 +294,109 @@ class TrainResult:
     history: pd.DataFrame  # one row per epoch: epoch, loss, accuracy, val_loss, val_accuracy, learning_rate, epoch_seconds
     train_seconds: float
     stopped_epoch: int | None  # epoch (1-based) at which early stopping fired, None if it did not
+    restored_epoch: int | None = None  # epoch (1-based) whose weights `network` holds; None: the last one
 
 
 def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2) -> TrainResult:
-    """Fit the network on `data`; `on_epoch(row)` is called after every epoch (MLflow logging)."""
+    """Fit the network on `data`; `on_epoch(row)` is called after every epoch (MLflow logging).
+
+    The network is model.*'s, starting from train.initial_model's weights when that is set. The
+    returned network holds the best checkpoint's weights (callbacks.checkpoint), else early
+    stopping's restored best (callbacks.early_stopping.restore_best_weights), else the last epoch's.
+    """
+    import keras
+
     from pipeline.models import build_model
     from pipeline.tracking import epoch_callback
 
     seed_everything(cfg.seed)
     num_classes = len(data.class_names)
     network = build_model(cfg.model, data.input_shape, num_classes)
-    network.compile(
-        optimizer=build_optimizer(cfg.optimizer),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    if cfg.train.initial_model:
+        load_initial_weights(network, cfg.train.initial_model)
+
     batch = cfg.train.batch_size
-    train_ds = make_dataset(data.train_x, data.train_y, data.stats, batch, shuffle=True, seed=cfg.seed)
-    val_ds = make_dataset(data.val_x, data.val_y, data.stats, batch, shuffle=False)
+    steps_per_epoch = math.ceil(len(data.train_x) / batch)
+    schedule = learning_rate_schedule(cfg.optimizer, steps_per_epoch, cfg.train.epochs)
+    scaled = None
+    if schedule is not None and cfg.callbacks.reduce_lr.enabled:
+        scaled = schedule = _keras_classes().ScaledSchedule(schedule, cfg.optimizer.learning_rate)
+    smoothing = cfg.train.label_smoothing
+    # Keras 3's SparseCategoricalCrossentropy has no label_smoothing: smoothing needs one-hot labels.
+    if smoothing:
+        loss, one_hot = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing), num_classes
+    else:  # the integer labels as they are
+        loss, one_hot = "sparse_categorical_crossentropy", None
+    network.compile(optimizer=build_optimizer(cfg.optimizer, schedule), loss=loss, metrics=["accuracy"])
+
+    augment = build_augmenter(cfg.augment, cfg.seed)
+    train_ds = make_dataset(data.train_x, data.train_y, data.stats, batch, shuffle=True, seed=cfg.seed,
+                            num_classes=one_hot, augment=augment)
+    val_ds = make_dataset(data.val_x, data.val_y, data.stats, batch, shuffle=False, num_classes=one_hot)
     recorder = epoch_callback(on_epoch)
-    callbacks = [recorder, *build_callbacks(cfg.callbacks)]  # recorder first: it reads the lr the epoch used
-    start = time.perf_counter()
-    network.fit(
-        train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=verbose,
-        shuffle=False,  # train_ds reshuffles itself every epoch
-    )
-    seconds = time.perf_counter() - start
-    stopped = next((cb.stopped_epoch + 1 for cb in callbacks if getattr(cb, "stopped_epoch", 0)), None)
-    return TrainResult(network, pd.DataFrame(recorder.rows), seconds, stopped)
+    callbacks = [recorder, *build_callbacks(cfg.callbacks, scaled)]
+    stopper = next((cb for cb in callbacks if isinstance(cb, keras.callbacks.EarlyStopping)), None)
+    with tempfile.TemporaryDirectory(prefix="pipeline-checkpoint-") as scratch:
+        checkpoint = None
+        if cfg.callbacks.checkpoint.enabled:
+            ck = cfg.callbacks.checkpoint
+            checkpoint = _keras_classes().BestCheckpoint(
+                str(Path(scratch) / "best.weights.h5"), monitor=ck.monitor, mode=ck.mode,
+                save_best_only=True, save_weights_only=True,
+            )
+            callbacks.append(checkpoint)
+        start = time.perf_counter()
+        network.fit(
+            train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=verbose,
+            shuffle=False,  # train_ds reshuffles itself every epoch
+        )
+        seconds = time.perf_counter() - start
+        restored = len(recorder.rows)
+        if stopper is not None and stopper.restore_best_weights and stopper.best_weights is not None:
+            restored = stopper.best_epoch + 1  # Keras restores them at the end of fit, stopped early or not
+        if checkpoint is not None and checkpoint.best_epoch is not None:
+            network.load_weights(checkpoint.filepath)
+            restored = checkpoint.best_epoch
+    stopped = stopper.stopped_epoch + 1 if stopper is not None and stopper.stopped_epoch else None
+    return TrainResult(network, pd.DataFrame(recorder.rows), seconds, stopped, restored)
+
+
+def augmentation_samples(images: np.ndarray, labels: np.ndarray, augmenter, class_names: list[str]):
+    """A matplotlib Figure: rows of training images, each as it is and SAMPLE_DRAWS augmented versions.
+
+    images: (N, H, W, C) uint8; the rows are the first image of each class, then the next images,
+    SAMPLE_ROWS in all. `augmenter` (from build_augmenter) is called in training mode once per column.
+    """
+    import keras
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    firsts = [int(np.flatnonzero(labels == c)[0]) for c in range(len(class_names)) if (labels == c).any()]
+    rest = [i for i in range(len(images)) if i not in set(firsts)]
+    rows = (firsts + rest)[:SAMPLE_ROWS]
+    originals = images[rows].astype("float32")
+    columns = [originals] + [
+        keras.ops.convert_to_numpy(augmenter(originals, training=True)) for _ in range(SAMPLE_DRAWS)
+    ]
+    fig = Figure(figsize=(1.3 * len(columns) + 0.8, 1.3 * len(rows) + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    for r, index in enumerate(rows):
+        for c, batch in enumerate(columns):
+            ax = axes[r][c]
+            pixels = np.clip(batch[r], 0, 255).astype("uint8")
+            if pixels.shape[-1] == 3:
+                ax.imshow(pixels)
+            else:  # grayscale (or any other channel count: its first channel)
+                ax.imshow(pixels[..., 0], cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("original" if c == 0 else f"augmented {c}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(str(class_names[int(labels[index])]), fontsize=8)
+    fig.suptitle("Training images and random augmentations (augment.*)", fontsize=9)
+    return fig
 
 
 def summary_text(model) -> str:
@@ -138,6 +415,7 @@ def totals(result: TrainResult, n_train: int) -> dict[str, float]:
         "best_val_accuracy": float(history["val_accuracy"].max()),
         "best_epoch": float(history["epoch"].iloc[best]),
         "stopped_epoch": float(result.stopped_epoch or 0),
+        "restored_epoch": float(result.restored_epoch or len(history)),  # the epoch whose weights are saved
     }
 
 
@@ -146,7 +424,7 @@ def main(cfg: Config, data_dir, raw_dir, out_dir) -> str:
     import mlflow
 
     from pipeline import fetch, tracking
-    from pipeline.files import atomic_path, read_json, write_json
+    from pipeline.files import atomic_path, read_json, sha256_file, write_json
     from pipeline.models import raw_input_model
     from pipeline.preprocess import load_prepared
 
@@ -168,6 +446,13 @@ def main(cfg: Config, data_dir, raw_dir, out_dir) -> str:
             if Path(name).is_file():
                 mlflow.log_artifact(name, artifact_path="provenance")
         mlflow.log_dict(manifest, "provenance/data_manifest.json")
+        if cfg.train.initial_model and Path(cfg.train.initial_model).is_file():
+            mlflow.log_param("derived.initial_model_sha256", sha256_file(cfg.train.initial_model))
+        if cfg.augment.enabled:  # its own augmenter: drawing from the training one would change its draws
+            samples = augmentation_samples(data.train_x, data.train_y, build_augmenter(cfg.augment, cfg.seed),
+                                           data.class_names)
+            mlflow.log_figure(samples, "plots/augmented_samples.png",
+                              save_kwargs={"dpi": 120, "metadata": {"Software": None}})
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()
             result = train_model(cfg, data, on_epoch=lambda row: tracking.log_epoch(run_id, row["epoch"], row))
@@ -189,6 +474,8 @@ def main(cfg: Config, data_dir, raw_dir, out_dir) -> str:
             })
             mlflow.log_metrics({**facts, **totals(result, len(data.train_x))})
             mlflow.log_text(summary, "model_summary.txt")
+            # the optimizer as Keras ran it: the values that optimizer.* params left null (Keras' defaults) included
+            mlflow.log_dict(result.network.optimizer.get_config(), "optimizer.json")
             mlflow.log_artifact(str(tmp / "history.csv"))
             if cfg.mlflow.log_model:
                 log_model(model, fetch.load_raw(raw_dir).train_x[:2])

@@ -67,7 +67,7 @@ def test_train_without_data_names_the_missing_stage(project):
 def test_crash_ends_the_run_failed_and_ctrl_c_ends_it_killed(project):
     run(["pipeline", "fetch"], project)
     run(["pipeline", "preprocess"], project)
-    # Four 2x2 poolings of an 8x8 digit leave nothing to pool: Keras raises while building the model.
+    # Four 2x2 poolings of an 8x8 digit leave nothing to pool: build_model refuses, inside the run.
     done = run(["pipeline", "--set", "model.filters=[[4],[4],[4],[4]]", "--set", "model.kernel_sizes=[3,3,3,3]",
                 "train"], project, check=False)
     assert done.returncode != 0

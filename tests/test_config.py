@@ -40,7 +40,7 @@ def test_flat_has_dotted_keys():
     [
         ({"model": {"nme": "cnn"}}, [], "unknown key 'model.nme'; did you mean 'model.name'?"),
         ({"optimiser": {}}, [], "unknown key 'optimiser'; did you mean 'optimizer'?"),
-        ({}, ["optimizer.name=adamm"], "optimizer.name = 'adamm' is not allowed; expected one of 'sgd', 'rmsprop' or 'adam'; did you mean 'adam'?"),
+        ({}, ["optimizer.name=adamm"], "optimizer.name = 'adamm' is not allowed; expected one of 'sgd', 'rmsprop', 'adam', 'adamax', 'adadelta', 'adagrad' or 'nadam'; did you mean 'adam'?"),
         ({}, ["train.epoch=3"], "unknown key 'train.epoch'; did you mean 'train.epochs'?"),
         ({}, ["train.epochs=0"], "train.epochs = 0: Input should be greater than or equal to 1"),
         ({}, ["train.batch_size=abc"], "train.batch_size = 'abc': Input should be a valid integer"),

@@ -86,7 +86,7 @@ def test_mlflow_run_with_overrides_in_the_run_mlflow_created(project):
     before = (project / "params.yaml").read_text()
     uri = f"sqlite:///{project / 'mlflow.db'}"
     done = run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "tests",
-                "-P", "optimizer=sgd", "-P", "epochs=2", "-P", "set=optimizer.nesterov=true predict.label_format=name"],
+                "-P", "optimizer=sgd", "-P", "epochs=2", "-P", "set=optimizer.momentum=0.9 optimizer.nesterov=true predict.label_format=name"],
                project, env={"MLFLOW_TRACKING_URI": uri})
     assert (project / "params.yaml").read_text() == before
     store, runs = only_run(project)
@@ -94,6 +94,7 @@ def test_mlflow_run_with_overrides_in_the_run_mlflow_created(project):
     r = runs[0]
     assert r.info.status == "FINISHED"
     assert r.data.params["optimizer.name"] == "sgd" and r.data.params["optimizer.nesterov"] == "True"
+    assert r.data.params["optimizer.momentum"] == "0.9"
     assert r.data.params["train.epochs"] == "2"
     assert [m.step for m in store.get_metric_history(r.info.run_id, "val_accuracy")] == [1, 2]
     assert "test_accuracy" in r.data.metrics
@@ -108,7 +109,7 @@ def test_mlflow_run_rejects_a_bad_param_in_one_line_and_fails_the_run(project):
     done = run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "tests", "-P", "optimizer=adamm"],
                project, check=False, env={"MLFLOW_TRACKING_URI": uri})
     assert done.returncode != 0
-    assert "optimizer.name = 'adamm' is not allowed; expected one of 'sgd', 'rmsprop' or 'adam'; did you mean 'adam'?" in done.stderr
+    assert "optimizer.name = 'adamm' is not allowed; expected one of 'sgd', 'rmsprop', 'adam', 'adamax', 'adadelta', 'adagrad' or 'nadam'; did you mean 'adam'?" in done.stderr
     assert "Traceback" not in done.stderr
     _, runs = only_run(project)
     assert [r.info.status for r in runs] == ["FAILED"]

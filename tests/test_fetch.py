@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
+import pickle
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from cifar_format import (
+    CLASS_NAMES as CIFAR_CLASSES,
+    GADGET_CALLS,
+    Gadget,
+    batch_bytes,
+    cifar_images,
+    file_member,
+    official_members,
+    special_member,
+    write_tarball,
+)
 from idx_format import idx_bytes, write_gz, write_idx_gz
 from pipeline import fetch
-from pipeline.config import CsvConfig, DataConfig
+from pipeline.config import (
+    ConfigError, CsvConfig, DataConfig, ImageFolderConfig, PreprocessConfig, load_config, validate,
+)
 from pipeline.errors import PipelineError
 from pipeline.fetch import (
     IDX_IMAGES_MAGIC,
@@ -25,6 +42,8 @@ from pipeline.fetch import (
     read_idx_pair,
     save_raw,
 )
+from pipeline.files import sha256_file
+from pipeline.preprocess import preprocess
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = [
@@ -146,6 +165,7 @@ def test_fashion_mnist_from_debian_files():
     expected = fetch.IDX_SOURCES["fashion_mnist"].content_sha256
     for record in manifest["files"]:
         assert record["content_sha256"] == expected[record["name"].removesuffix(".gz")]
+        assert record["verified_by"] == "content_sha256" and "md5" not in record
         assert record["sha256"] == hashlib.sha256(Path(record["path"]).read_bytes()).hexdigest()
         assert record["bytes"] == Path(record["path"]).stat().st_size
     assert [r["name"] for r in manifest["files"]] == FASHION_FILES
@@ -207,6 +227,301 @@ def test_fashion_mnist_download_failure_says_how_to_get_the_files(tmp_path, monk
     assert "apt-get install dataset-fashion-mnist" in message and "data.dir" in message
     assert "\n" not in message
     assert not list((tmp_path / "cache").rglob("*.gz"))
+
+
+# ---------------------------------------------------------------------------------------------
+# data config: per-source folders, new sections
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("fashion_mnist", "/usr/share/datasets/fashion-mnist"),
+    ("mnist", "~/.cache/image-pipeline/mnist"),
+    ("cifar10", "~/.cache/image-pipeline/cifar10"),
+    ("csv", None),
+    ("image_folder", None),
+    ("digits", None),
+])
+def test_data_dir_null_means_the_sources_own_folder(source, expected):
+    assert DataConfig(source=source).dir == expected
+    assert DataConfig(source=source, dir=None).dir == expected
+    assert DataConfig(source=source, dir="/x").dir == "/x"
+    assert validate({"data": {"source": source, "dir": None}}).data.dir == expected
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["data.source=cifar"], "data.source = 'cifar' is not allowed; expected one of 'fashion_mnist', 'mnist', "
+                            "'cifar10', 'csv', 'image_folder' or 'digits'; did you mean 'cifar10'?"),
+    (["data.image_folder.trian=x"], "unknown key 'data.image_folder.trian'; did you mean 'data.image_folder.train'?"),
+    (["data.image_folder.resize=maybe"], "data.image_folder.resize = 'maybe': Input should be a valid boolean"),
+    (["data.image_shape=[0, 28, 1]"], "data.image_shape = [0, 28, 1]: expected three positive integers"),
+    (["data.source=image_folder", "data.image_shape=[28, 28, 4]"],
+     "data.image_shape = [28, 28, 4]: image_folder converts images to grayscale or RGB; expected 1 or 3 channels"),
+])
+def test_bad_data_params_fail_in_one_line_naming_the_key(tmp_path, overrides, expected):
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(params, overrides)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# mnist
+
+
+def write_small_idx_files(directory: Path) -> dict[str, np.ndarray]:
+    """The four IDX files with tiny content; returns stem -> array written."""
+    arrays = {
+        "train-images-idx3-ubyte": small_images(4, 3, 3),
+        "train-labels-idx1-ubyte": np.array([7, 1, 7, 1], dtype=np.uint8),
+        "t10k-images-idx3-ubyte": small_images(2, 3, 3)[::-1],
+        "t10k-labels-idx1-ubyte": np.array([1, 7], dtype=np.uint8),
+    }
+    for stem, array in arrays.items():
+        write_idx_gz(directory / f"{stem}.gz", array)
+    return arrays
+
+
+def trust_files(monkeypatch, directory: Path, **changes) -> None:
+    """Make the mnist table expect the md5s of the .gz files in `directory` (tests only)."""
+    stems = fetch.IDX_SOURCES["mnist"].gz_md5
+    md5 = {stem: hashlib.md5((directory / f"{stem}.gz").read_bytes()).hexdigest() for stem in stems}
+    spec = dataclasses.replace(fetch.IDX_SOURCES["mnist"], gz_md5=md5, **changes)
+    monkeypatch.setitem(fetch.IDX_SOURCES, "mnist", spec)
+
+
+def test_mnist_from_idx_files_verified_by_gz_md5(tmp_path, monkeypatch):
+    arrays = write_small_idx_files(tmp_path / "mnist")
+    trust_files(monkeypatch, tmp_path / "mnist")
+    ds = fetch_dataset(DataConfig(source="mnist", dir=str(tmp_path / "mnist"), download=False))
+    assert ds.class_names == [str(d) for d in range(10)]
+    assert ds.train_x.shape == (4, 3, 3, 1) and ds.test_x.shape == (2, 3, 3, 1)
+    np.testing.assert_array_equal(ds.train_x[..., 0], arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(ds.test_y, [1, 7])
+    for record in ds.manifest["files"]:
+        stem = record["name"].removesuffix(".gz")
+        gz = (tmp_path / "mnist" / record["name"]).read_bytes()
+        assert record["verified_by"] == "gz_md5" and record["md5"] == hashlib.md5(gz).hexdigest()
+        assert record["content_sha256"] == hashlib.sha256(idx_bytes(arrays[stem])).hexdigest()
+    save_raw(ds, tmp_path / "raw")
+    prepared = preprocess(load_raw(tmp_path / "raw"), PreprocessConfig(val_fraction=0.5), seed=0)
+    assert prepared.input_shape == (3, 3, 1) and len(prepared.train_x) == len(prepared.val_x) == 2
+    assert prepared.test_x.shape == (2, 3, 3, 1) and prepared.class_names == ds.class_names
+
+
+def test_mnist_md5_mismatch_fails_before_decompressing(tmp_path):
+    write_small_idx_files(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")  # gunzip would fail differently
+    with pytest.raises(PipelineError) as err:
+        fetch_dataset(DataConfig(source="mnist", dir=str(tmp_path), download=False))
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'train-images-idx3-ubyte.gz'}: md5 of the .gz file is ")
+    assert hashlib.md5(b"not gzip at all").hexdigest() in message
+    assert "expected f68b3c2dcbeaaa9fbdd348bbdeb94873" in message and "re-compressed" in message
+
+
+def test_mnist_regzipped_file_fails_its_md5(tmp_path, monkeypatch):
+    arrays = write_small_idx_files(tmp_path)
+    trust_files(monkeypatch, tmp_path)
+    name = "t10k-labels-idx1-ubyte.gz"
+    (tmp_path / name).write_bytes(gzip.compress(idx_bytes(arrays[name.removesuffix(".gz")]), mtime=1))
+    with pytest.raises(PipelineError, match=f"{name}: md5 of the .gz file is .* re-compressed"):
+        fetch_dataset(DataConfig(source="mnist", dir=str(tmp_path), download=False))
+
+
+def test_mnist_missing_files_say_where_to_get_them(tmp_path):
+    with pytest.raises(PipelineError) as err:
+        fetch_dataset(DataConfig(source="mnist", dir=str(tmp_path), download=False))
+    message = str(err.value)
+    assert f"train-images-idx3-ubyte.gz not found in {tmp_path}" in message
+    assert "https://ossci-datasets.s3.amazonaws.com/mnist/" in message and "data.download" in message
+
+
+def test_mnist_download_falls_back_to_the_next_mirror(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    write_small_idx_files(mirror)
+    trust_files(monkeypatch, mirror, urls=((tmp_path / "gone").as_uri() + "/", mirror.as_uri() + "/"))
+    ds = fetch_dataset(DataConfig(source="mnist", dir=str(tmp_path / "empty"), download_dir=str(tmp_path / "cache")))
+    for record in ds.manifest["files"]:
+        assert record["url"] == mirror.as_uri() + "/" + record["name"]
+        assert record["path"] == str(tmp_path / "cache" / "mnist" / record["name"])
+        assert record["verified_by"] == "gz_md5"
+
+
+def test_idx_source_table_has_one_hash_per_file():
+    for spec in fetch.IDX_SOURCES.values():
+        for stems in fetch.IDX_SPLITS.values():
+            for stem in stems:
+                assert (stem in spec.content_sha256) != (stem in spec.gz_md5), (spec.folder, stem)
+
+
+# ---------------------------------------------------------------------------------------------
+# cifar10
+
+CIFAR = "cifar-10-python.tar.gz"
+
+
+def cifar_splits():
+    train = [(cifar_images(2, seed=i), [i % 2, (i + 1) % 2]) for i in range(5)]  # classes 0, 1: 5 images each
+    test = (cifar_images(3, seed=9), [1, 0, 9])
+    return train, test
+
+
+def write_cifar(directory: Path, members: dict | None = None, extra=()) -> Path:
+    if members is None:
+        members = official_members(*cifar_splits())
+    return write_tarball(directory / CIFAR, members, list(extra))
+
+
+def trust_tarball(monkeypatch, path: Path, **changes) -> None:
+    """Make the cifar10 table expect this test tarball's sha256 (tests only)."""
+    spec = dataclasses.replace(fetch.ARCHIVE_SOURCES["cifar10"], sha256=sha256_file(path), **changes)
+    monkeypatch.setitem(fetch.ARCHIVE_SOURCES, "cifar10", spec)
+
+
+def cifar_config(directory: Path, **extra) -> DataConfig:
+    return DataConfig(source="cifar10", dir=str(directory), download=False, **extra)
+
+
+def test_cifar10_from_a_real_format_tarball(tmp_path, monkeypatch):
+    train, test = cifar_splits()
+    trust_tarball(monkeypatch, write_cifar(tmp_path))
+    ds = fetch_dataset(cifar_config(tmp_path))
+    assert ds.class_names == CIFAR_CLASSES
+    assert ds.train_x.shape == (10, 32, 32, 3) and ds.train_x.dtype == np.uint8 and ds.train_x.flags.c_contiguous
+    np.testing.assert_array_equal(ds.train_x, np.concatenate([x for x, _ in train]))  # CHW rows -> HWC
+    np.testing.assert_array_equal(ds.train_y, np.concatenate([y for _, y in train]))
+    np.testing.assert_array_equal(ds.test_x, test[0])
+    assert ds.test_y.dtype == np.int64 and ds.test_y.tolist() == [1, 0, 9]
+    (record,) = ds.manifest["files"]
+    assert record["role"] == "archive" and record["sha256"] == sha256_file(tmp_path / CIFAR)
+    assert record["members"][-1] == "cifar-10-batches-py/batches.meta" and "url" not in record
+    assert ds.manifest["counts"] == {"train": 10, "test": 3, "unlabeled": 0}
+    assert ds.manifest["image_shape"] == [32, 32, 3]
+    save_raw(ds, tmp_path / "raw")
+    loaded = load_raw(tmp_path / "raw")
+    np.testing.assert_array_equal(loaded.train_x, ds.train_x)
+    assert dataset_digest(loaded) == dataset_digest(ds)
+    config = PreprocessConfig(image_size=(28, 28), channels="grayscale", val_fraction=0.4)
+    prepared = preprocess(loaded, config, seed=0)
+    assert prepared.input_shape == (28, 28, 1)
+    assert prepared.train_x.shape == (6, 28, 28, 1) and prepared.val_x.shape == (4, 28, 28, 1)
+    assert prepared.test_x.shape == (3, 28, 28, 1) and prepared.train_x.dtype == np.uint8
+    assert sorted(np.bincount(prepared.val_y).tolist()) == [2, 2]
+
+
+def test_cifar10_hash_mismatch_fails_before_the_archive_is_opened(tmp_path, monkeypatch):
+    path = write_cifar(tmp_path)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an unverified archive was opened or unpickled")
+
+    monkeypatch.setattr(fetch, "read_tar_members", must_not_run)
+    monkeypatch.setattr(fetch, "_unpickle", must_not_run)
+    with pytest.raises(PipelineError) as err:
+        fetch_dataset(cifar_config(tmp_path))
+    message = str(err.value)
+    assert message == (f"{path}: sha256 is {sha256_file(path)}, expected "
+                       "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce; the file is corrupt "
+                       f"or not the official {CIFAR}: delete or replace it")
+
+
+def test_cifar10_refuses_a_pickle_that_would_run_code(tmp_path, monkeypatch):
+    members = official_members(*cifar_splits())
+    members["cifar-10-batches-py/data_batch_2"] = pickle.dumps({b"data": Gadget()}, protocol=3)
+    trust_tarball(monkeypatch, write_cifar(tmp_path, members))
+    with pytest.raises(PipelineError, match=r"member 'cifar-10-batches-py/data_batch_2' is not a readable pickle "
+                                            r"\(refused to load the global cifar_format.gadget"):
+        fetch_dataset(cifar_config(tmp_path))
+    assert GADGET_CALLS == []
+
+
+@pytest.mark.parametrize("member, problem", [
+    (file_member("/tmp/cifar-escape", b"x"), "has an absolute path"),
+    (file_member("cifar-10-batches-py/../../cifar-escape", b"x"), "has a '..' component"),
+    (special_member("cifar-10-batches-py/link", tarfile.SYMTYPE, "/etc/passwd"), "is a link to '/etc/passwd'"),
+    (special_member("cifar-10-batches-py/hard", tarfile.LNKTYPE, "cifar-10-batches-py/readme.html"),
+     "is a link to 'cifar-10-batches-py/readme.html'"),
+    (special_member("cifar-10-batches-py/dev", tarfile.CHRTYPE), "is a device, FIFO or other special file"),
+], ids=["absolute", "dotdot", "symlink", "hardlink", "device"])
+def test_cifar10_refuses_members_that_escape(tmp_path, monkeypatch, member, problem):
+    path = write_cifar(tmp_path / "in", extra=[member])
+    trust_tarball(monkeypatch, path)
+    with pytest.raises(PipelineError) as err:
+        fetch_dataset(cifar_config(tmp_path / "in"))
+    assert str(err.value) == (f"{path}: member {member[0].name!r} {problem}; refusing the archive, whose members "
+                              "must be plain files and folders inside it")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [CIFAR, "in"]  # nothing extracted anywhere
+
+
+def replace_member(name: str, data: bytes):
+    def change(members):
+        members[f"cifar-10-batches-py/{name}"] = data
+    return change
+
+
+def drop_member(name: str):
+    def change(members):
+        del members[f"cifar-10-batches-py/{name}"]
+    return change
+
+
+BAD_CIFAR = [
+    pytest.param(drop_member("test_batch"), "no member 'cifar-10-batches-py/test_batch'", id="missing-member"),
+    pytest.param(replace_member("data_batch_3", b"\x80\x03junk"), "member 'cifar-10-batches-py/data_batch_3' is "
+                 "not a readable pickle", id="corrupt-pickle"),
+    pytest.param(replace_member("data_batch_1", pickle.dumps([1, 2], protocol=3)),
+                 "data_batch_1: expected a dict with keys b'data' and b'labels', found list", id="not-a-dict"),
+    pytest.param(replace_member("data_batch_1", pickle.dumps({b"data": np.zeros((2, 3000), np.uint8),
+                                                              b"labels": [0, 1]}, protocol=3)),
+                 "data_batch_1: b'data' is uint8 (2, 3000); expected a uint8 array of shape (N, 3072)",
+                 id="wrong-row-size"),
+    pytest.param(replace_member("test_batch", batch_bytes(cifar_images(2, 0), [0])),
+                 "test_batch: b'labels' holds (1,) int64 values for 2 images", id="label-count"),
+    pytest.param(replace_member("data_batch_5", batch_bytes(cifar_images(2, 0), [0, 10])),
+                 "data_batch_5: label 10 at index 1; expected 0..9", id="label-range"),
+    pytest.param(replace_member("batches.meta", pickle.dumps({b"label_names": []}, protocol=3)),
+                 "batches.meta: expected a non-empty list of class names under b'label_names'", id="no-names"),
+]
+
+
+@pytest.mark.parametrize("change, expected", BAD_CIFAR)
+def test_cifar10_bad_content_of_a_verified_archive(tmp_path, monkeypatch, change, expected):
+    members = official_members(*cifar_splits())
+    change(members)
+    path = write_cifar(tmp_path, members)
+    trust_tarball(monkeypatch, path)
+    with pytest.raises(PipelineError) as err:
+        fetch_dataset(cifar_config(tmp_path))
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message, message
+
+
+def test_cifar10_not_a_tarball(tmp_path, monkeypatch):
+    path = tmp_path / CIFAR
+    path.write_bytes(gzip.compress(b"not a tar archive" * 100))
+    trust_tarball(monkeypatch, path)
+    with pytest.raises(PipelineError, match=f"^{path}: not a readable .tar.gz archive"):
+        fetch_dataset(cifar_config(tmp_path))
+
+
+def test_cifar10_missing_without_download(tmp_path):
+    with pytest.raises(PipelineError) as err:
+        fetch_dataset(cifar_config(tmp_path))
+    message = str(err.value)
+    assert f"{CIFAR} not found in {tmp_path} and data.download is false" in message
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in message
+
+
+def test_cifar10_download_into_download_dir(tmp_path, monkeypatch):
+    mirror = write_cifar(tmp_path / "mirror").parent
+    trust_tarball(monkeypatch, mirror / CIFAR, urls=((tmp_path / "gone").as_uri() + "/", mirror.as_uri() + "/"))
+    ds = fetch_dataset(DataConfig(source="cifar10", dir=str(tmp_path / "empty"), download_dir=str(tmp_path / "dl")))
+    (record,) = ds.manifest["files"]
+    assert record["url"] == mirror.as_uri() + "/" + CIFAR
+    assert record["path"] == str(tmp_path / "dl" / "cifar10" / CIFAR)
+    assert ds.train_x.shape == (10, 32, 32, 3)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +705,167 @@ def test_csv_empty_file(tmp_path):
 def test_csv_train_not_set():
     with pytest.raises(PipelineError, match="data.csv.train is not set"):
         fetch_dataset(csv_config(None))
+
+
+# ---------------------------------------------------------------------------------------------
+# image_folder
+
+
+def solid(size: tuple[int, int], color, mode: str = "RGB") -> Image.Image:
+    """A (width, height) image of one color."""
+    return Image.new(mode, size, color)
+
+
+def pattern(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def save(image: Image.Image, path: Path, **options) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **options)
+    return path
+
+
+def write_image_folders(root: Path) -> dict[str, Path]:
+    """train/{cat,dog} and unlabeled/ with PNG and JPEG files of mixed modes and sizes."""
+    paths = {
+        "cat/b.png": save(Image.fromarray(pattern(4, 4, 1)), root / "train" / "cat" / "b.png"),  # right size: exact
+        "cat/a.PNG": save(Image.fromarray(pattern(4, 4, 2)), root / "train" / "cat" / "a.PNG"),
+        "dog/x.jpg": save(solid((9, 7), (200, 30, 60)), root / "train" / "dog" / "x.jpg", quality=95),
+        "dog/y.png": save(solid((3, 5), (10, 20, 30, 40), "RGBA"), root / "train" / "dog" / "y.png"),
+        "dog/z.jpeg": save(solid((4, 4), 128, "L"), root / "train" / "dog" / "z.jpeg"),
+        "u/b.png": save(Image.fromarray(pattern(4, 4, 3)), root / "unlabeled" / "b.png"),
+        "u/a.jpg": save(solid((4, 6), (0, 0, 255)), root / "unlabeled" / "a.jpg"),
+    }
+    (root / "train" / ".DS_Store").write_bytes(b"\x00\x01")  # hidden files are skipped
+    (root / "train" / "dog" / ".hidden.txt").write_text("skipped")
+    return paths
+
+
+def folder_config(root: Path, shape=(4, 4, 3), unlabeled: bool = True, **options) -> DataConfig:
+    spec = ImageFolderConfig(train=str(root / "train"), unlabeled=str(root / "unlabeled") if unlabeled else None,
+                             **options)
+    return DataConfig(source="image_folder", image_shape=shape, image_folder=spec)
+
+
+def test_image_folder_reads_classes_and_unlabeled_images(tmp_path):
+    paths = write_image_folders(tmp_path)
+    ds = fetch_dataset(folder_config(tmp_path))
+    assert ds.class_names == ["cat", "dog"]
+    assert ds.train_y.dtype == np.int64 and ds.train_y.tolist() == [0, 0, 1, 1, 1]
+    assert ds.train_x.shape == (5, 4, 4, 3) and ds.train_x.dtype == np.uint8
+    np.testing.assert_array_equal(ds.train_x[0], pattern(4, 4, 2))  # a.PNG before b.png: sorted names
+    np.testing.assert_array_equal(ds.train_x[1], pattern(4, 4, 1))  # same size, lossless: untouched
+    assert np.abs(ds.train_x[2].astype(int) - [200, 30, 60]).max() <= 3  # JPEG, resized from 9x7
+    assert (ds.train_x[3] == [10, 20, 30]).all()  # RGBA: alpha dropped, resized from 3x5
+    assert (ds.train_x[4] == 128).all()  # L -> RGB
+    assert ds.test_x is None
+    assert ds.unlabeled_ids.tolist() == ["a.jpg", "b.png"]
+    np.testing.assert_array_equal(ds.unlabeled_x[1], pattern(4, 4, 3))
+    train, unlabeled = ds.manifest["files"]
+    assert (train["role"], train["images"], train["resized"]) == ("train", 5, 2)
+    assert (unlabeled["role"], unlabeled["images"], unlabeled["resized"]) == ("unlabeled", 2, 1)
+    assert train["bytes"] == sum(p.stat().st_size for k, p in paths.items() if not k.startswith("u/"))
+    assert ds.manifest["counts"] == {"train": 5, "test": 0, "unlabeled": 2}
+    assert ds.manifest["image_shape"] == [4, 4, 3]
+
+
+def test_image_folder_through_save_load_and_preprocess(tmp_path):
+    write_image_folders(tmp_path)
+    ds = fetch_dataset(folder_config(tmp_path, shape=(6, 5, 1)))
+    assert ds.train_x.shape == (5, 6, 5, 1) and (ds.train_x[4] == 128).all()
+    save_raw(ds, tmp_path / "raw")
+    loaded = load_raw(tmp_path / "raw")
+    assert loaded.unlabeled_ids.tolist() == ["a.jpg", "b.png"] and loaded.unlabeled_ids.dtype.kind == "U"
+    np.testing.assert_array_equal(loaded.unlabeled_x, ds.unlabeled_x)
+    assert dataset_digest(loaded) == dataset_digest(ds)
+    prepared = preprocess(loaded, PreprocessConfig(val_fraction=0.4), seed=0)
+    assert prepared.input_shape == (6, 5, 1) and prepared.class_names == ["cat", "dog"]
+    assert len(prepared.train_x) == 3 and len(prepared.val_x) == 2
+    assert prepared.stats["counts"]["unlabeled"] == 2
+
+
+def test_image_folder_grayscale_conversion_and_16_bit_png(tmp_path):
+    rgb = pattern(4, 4, 5)
+    save(Image.fromarray(rgb), tmp_path / "train" / "a" / "rgb.png")
+    wide = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000)
+    save(Image.fromarray(wide), tmp_path / "train" / "b" / "16bit.png")
+    ds = fetch_dataset(folder_config(tmp_path, shape=(4, 4, 1), unlabeled=False))
+    np.testing.assert_array_equal(ds.train_x[0, ..., 0], np.asarray(Image.fromarray(rgb).convert("L")))
+    np.testing.assert_array_equal(ds.train_x[1, ..., 0], wide >> 8)  # scaled, not clipped at 255
+    assert ds.unlabeled_x is None
+
+
+def test_image_folder_without_resize_requires_the_size(tmp_path):
+    write_image_folders(tmp_path)
+    with pytest.raises(PipelineError) as err:
+        fetch_dataset(folder_config(tmp_path, resize=False))
+    assert str(err.value) == (f"{tmp_path / 'train' / 'dog' / 'x.jpg'}: 7x9 pixels (height x width), expected 4x4 "
+                              "for data.image_shape [4, 4, 3]; set data.image_folder.resize=true to resize")
+    for name in ("x.jpg", "y.png"):
+        (tmp_path / "train" / "dog" / name).unlink()
+    (tmp_path / "unlabeled" / "a.jpg").unlink()
+    ds = fetch_dataset(folder_config(tmp_path, resize=False))
+    assert ds.train_x.shape == (3, 4, 4, 3) and ds.manifest["files"][0]["resized"] == 0
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:60])
+
+
+BAD_FOLDERS = [
+    pytest.param(lambda root: truncate(root / "train" / "cat" / "b.png"), "train/cat/b.png",
+                 ["not a readable PNG or JPEG image", "fix or remove the file"], id="truncated-png"),
+    pytest.param(lambda root: (root / "unlabeled" / "a.jpg").write_text("hello"), "unlabeled/a.jpg",
+                 ["not a readable PNG or JPEG image", "cannot identify image file"], id="text-as-jpeg"),
+    pytest.param(lambda root: save(solid((4, 4), 1, "P"), root / "train" / "cat" / "gif.png", format="GIF"),
+                 "train/cat/gif.png", ["not a readable PNG or JPEG image"], id="gif-named-png"),
+    pytest.param(lambda root: (root / "train" / "bird").mkdir(), "train/bird",
+                 ["no .png, .jpg, .jpeg files", "at least one image in each class folder"], id="empty-class"),
+    pytest.param(lambda root: (root / "train" / "cat" / "notes.txt").write_text("x"), "train/cat/notes.txt",
+                 ["expected only .png, .jpg, .jpeg files in"], id="other-file"),
+    pytest.param(lambda root: (root / "train" / "cat" / "more").mkdir(), "train/cat/more",
+                 ["sub-folders are not read"], id="nested-folder"),
+    pytest.param(lambda root: shutil.copy(root / "train" / "cat" / "b.png", root / "train" / "stray.png"),
+                 "train/stray.png", ["not in a class sub-folder"], id="image-outside-classes"),
+    pytest.param(lambda root: shutil.rmtree(root / "train" / "dog"), "train",
+                 ["class sub-folders: only 'cat'", "at least two classes"], id="one-class"),
+    pytest.param(lambda root: [shutil.rmtree(root / "train" / c) for c in ("cat", "dog")], "train",
+                 ["class sub-folders: none (data.image_folder.train)"], id="no-classes"),
+    pytest.param(lambda root: shutil.rmtree(root / "train"), "train",
+                 ["folder not found (data.image_folder.train)"], id="no-train-folder"),
+    pytest.param(lambda root: [p.unlink() for p in (root / "unlabeled").iterdir()], "unlabeled",
+                 ["no .png, .jpg, .jpeg files (data.image_folder.unlabeled)"], id="empty-unlabeled"),
+    pytest.param(lambda root: [shutil.rmtree(root / "unlabeled"), (root / "unlabeled").write_text("")], "unlabeled",
+                 ["not a folder (data.image_folder.unlabeled)"], id="unlabeled-is-a-file"),
+]
+
+
+@pytest.mark.parametrize("mutate, bad_path, expected", BAD_FOLDERS)
+def test_image_folder_bad_input(tmp_path, mutate, bad_path, expected):
+    write_image_folders(tmp_path)
+    mutate(tmp_path)
+    with pytest.raises(PipelineError) as err:
+        fetch_dataset(folder_config(tmp_path))
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / bad_path}: ") and "\n" not in message, message
+    for part in expected:
+        assert part in message, message
+
+
+def test_image_folder_train_not_set():
+    with pytest.raises(PipelineError, match="data.image_folder.train is not set"):
+        fetch_dataset(DataConfig(source="image_folder"))
+
+
+def test_image_folder_digest_follows_content_and_class_names(tmp_path):
+    write_image_folders(tmp_path / "a")
+    first = fetch_dataset(folder_config(tmp_path / "a"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert dataset_digest(fetch_dataset(folder_config(tmp_path / "b"))) == dataset_digest(first)
+    (tmp_path / "b" / "train" / "dog").rename(tmp_path / "b" / "train" / "wolf")
+    assert dataset_digest(fetch_dataset(folder_config(tmp_path / "b"))) != dataset_digest(first)
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,295 @@
+"""train_model on tiny data: every optimizer, schedule, loss, callback and augmentation param builds and trains.
+
+60 random 8x8 images of 3 classes (48 train, 12 val) and conftest's tiny CNN: each fit is one to three
+epochs of a few steps, so the file runs in about a minute on 2 cores, most of it TensorFlow's import.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.config import Config, ConfigError, PreprocessConfig, apply_overrides, validate
+from pipeline.errors import PipelineError
+from pipeline.evaluate import predict_probs
+from pipeline.fetch import RawDataset
+from pipeline.models import raw_input_model
+from pipeline.preprocess import preprocess
+from pipeline.train import (
+    augmentation_samples,
+    build_augmenter,
+    build_callbacks,
+    build_optimizer,
+    learning_rate_schedule,
+    make_dataset,
+    totals,
+    train_model,
+)
+from tests.conftest import TINY_PARAMS, merge
+
+CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (60, 8, 8, 1), dtype="uint8")
+    y = np.arange(60, dtype="int64") % CLASSES
+    raw = RawDataset(class_names=[f"c{i}" for i in range(CLASSES)], train_x=x, train_y=y)
+    return preprocess(raw, PreprocessConfig(), seed=0)
+
+
+def config(*overrides: str) -> Config:
+    """conftest's tiny params, 1 epoch of 3 batches of 16, with `key=value` overrides applied as the CLI does."""
+    tree = copy.deepcopy(merge(TINY_PARAMS, {"train": {"epochs": 1, "batch_size": 16}}))
+    return validate(apply_overrides(tree, list(overrides)))
+
+
+def rate(schedule, step: int) -> float:
+    return float(keras.ops.convert_to_numpy(schedule(step)))
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults_are_adam_at_1e3_without_schedule_smoothing_or_augmentation():
+    cfg = Config()
+    optimizer = build_optimizer(cfg.optimizer)
+    settings = optimizer.get_config()
+    assert type(optimizer) is keras.optimizers.Adam and settings["learning_rate"] == pytest.approx(1e-3)
+    assert (settings["beta_1"], settings["beta_2"], settings["epsilon"]) == (0.9, 0.999, 1e-7)  # Keras' own
+    assert settings["clipnorm"] is settings["clipvalue"] is settings["global_clipnorm"] is None
+    assert learning_rate_schedule(cfg.optimizer, steps_per_epoch=375, epochs=5) is None
+    assert cfg.train.label_smoothing == 0 and cfg.train.initial_model is None
+    assert build_augmenter(cfg.augment, cfg.seed) is None and not cfg.augment.enabled
+    early, plateau = build_callbacks(cfg.callbacks)
+    assert type(plateau) is keras.callbacks.ReduceLROnPlateau  # the schedule-aware one only with a schedule
+    assert (early.monitor, early.patience, early.restore_best_weights) == ("val_loss", 3, True)
+    assert (plateau.factor, plateau.patience, plateau.min_lr, plateau.min_delta) == (0.5, 2, 1e-5, 1e-4)
+    assert not cfg.callbacks.checkpoint.enabled
+
+
+# --------------------------------------------------------------------------- optimizers
+
+
+OPTIMIZER_CASES = {
+    "sgd": ({"momentum": 0.5, "nesterov": True, "clipnorm": 1.0}, "SGD"),
+    "rmsprop": ({"rho": 0.8, "momentum": 0.1, "epsilon": 1e-6, "clipvalue": 0.5}, "RMSprop"),
+    "adam": ({"beta_1": 0.8, "beta_2": 0.99, "epsilon": 1e-8, "global_clipnorm": 2.0}, "Adam"),
+    "adamax": ({"beta_1": 0.9, "beta_2": 0.999, "epsilon": 1.0}, "Adamax"),
+    "adadelta": ({"rho": 0.9, "epsilon": 1e-6}, "Adadelta"),
+    "adagrad": ({"initial_accumulator_value": 0.2, "epsilon": 1e-6}, "Adagrad"),
+    "nadam": ({"beta_1": 0.85, "beta_2": 0.995}, "Nadam"),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZER_CASES))
+def test_each_optimizer_takes_its_own_params_and_trains(data, name):
+    params, keras_name = OPTIMIZER_CASES[name]
+    overrides = [f"optimizer.{key}={value}" for key, value in params.items()]
+    result = train_model(config(f"optimizer.name={name}", "optimizer.learning_rate=0.01", *overrides), data, verbose=0)
+    optimizer = result.network.optimizer
+    settings = optimizer.get_config()
+    assert type(optimizer).__name__ == keras_name
+    assert {key: settings[key] for key in params} == pytest.approx(params)
+    assert int(optimizer.iterations.numpy()) == 3  # 48 images in batches of 16
+    history = result.history
+    assert len(history) == 1 and np.isfinite(history["loss"]).all()
+    assert history["learning_rate"].tolist() == pytest.approx([0.01])
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["optimizer.momentum=0.9"], "optimizer.momentum = 0.9 is not a parameter of optimizer.name = 'adam'"),
+        (["optimizer.name=sgd", "optimizer.epsilon=1e-08"], "optimizer.epsilon = 1e-08 is not a parameter of optimizer.name = 'sgd'"),
+        (["optimizer.name=adagrad", "optimizer.rho=0.9"], "use it with rmsprop or adadelta"),
+        (["optimizer.name=adamm"], "did you mean 'adam'?"),
+        (["optimizer.schedule.alpha=0.1"], "optimizer.schedule.alpha = 0.1 is not a parameter of optimizer.schedule.name = 'constant'"),
+        (["optimizer.schedule.name=exponential", "optimizer.schedule.decay_rate=0.5"], "needs optimizer.schedule.decay_epochs"),
+        (["optimizer.schedule.name=step", "optimizer.schedule.decay_rate=0.5"], "needs exactly one of"),
+        (["optimizer.schedule.name=step", "optimizer.schedule.decay_rate=0.5", "optimizer.schedule.boundaries=[4, 2]"],
+         "boundaries = [4, 2]: expected increasing epoch numbers"),
+        (["optimizer.decay=1e-6", "optimizer.schedule.name=cosine"], "are two schedules"),
+        (["optimizer.clipnorm=1", "optimizer.global_clipnorm=1"], "Keras takes one of them"),
+        (["callbacks.early_stopping.monitor=val_acc"], "did you mean 'val_accuracy'?"),  # Keras 2's name
+        (["callbacks.checkpoint.mode=best"], "callbacks.checkpoint.mode = 'best' is not allowed"),
+        (["train.label_smoothing=1"], "train.label_smoothing = 1: Input should be less than 1"),
+        (["augment.flip=both"], "expected one of 'none', 'horizontal', 'vertical' or 'horizontal_and_vertical'"),
+        (["augment.rotation_degrees=-5"], "augment.rotation_degrees = -5: Input should be greater than or equal to 0"),
+    ],
+)
+def test_params_an_optimizer_schedule_or_callback_cannot_take_fail_in_one_line(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        config(*overrides)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",  # {step: rate / learning_rate}, with 10 steps an epoch and 4 epochs
+    [
+        (["optimizer.decay=0.01"], {0: 1.0, 25: 1 / 1.25}),  # Keras 2: lr / (1 + decay * iterations)
+        (["optimizer.schedule.name=exponential", "optimizer.schedule.decay_rate=0.5", "optimizer.schedule.decay_epochs=2"],
+         {0: 1.0, 10: 0.5**0.5, 20: 0.5}),
+        (["optimizer.schedule.name=step", "optimizer.schedule.decay_rate=0.1", "optimizer.schedule.decay_epochs=1"],
+         {9: 1.0, 10: 0.1, 25: 0.01}),
+        (["optimizer.schedule.name=step", "optimizer.schedule.decay_rate=0.5", "optimizer.schedule.boundaries=[1, 3]"],
+         {9: 1.0, 10: 0.5, 29: 0.5, 30: 0.25}),
+        (["optimizer.schedule.name=cosine"], {0: 1.0, 20: 0.5, 40: 0.0}),
+        (["optimizer.schedule.name=cosine", "optimizer.schedule.warmup_epochs=1", "optimizer.schedule.alpha=0.1"],
+         {0: 0.0, 5: 0.5, 10: 1.0, 25: 0.55, 40: 0.1}),  # decays over the 3 epochs after the warm-up
+    ],
+)
+def test_schedules_give_the_documented_rates(overrides, expected):
+    cfg = config("optimizer.learning_rate=0.1", *overrides)
+    schedule = learning_rate_schedule(cfg.optimizer, steps_per_epoch=10, epochs=4)
+    assert {step: rate(schedule, step) / 0.1 for step in expected} == pytest.approx(expected, abs=1e-6)
+
+
+def test_plateau_scales_the_schedule_and_the_rate_used_is_logged(data):
+    # min_delta 100: no epoch after the first counts as better, so with patience 0 the rate drops after each
+    cfg = config("optimizer.name=sgd", "optimizer.learning_rate=0.1", "optimizer.decay=0.1", "train.epochs=3",
+                 "callbacks.reduce_lr.enabled=true", "callbacks.reduce_lr.patience=0",
+                 "callbacks.reduce_lr.min_delta=100", "callbacks.reduce_lr.factor=0.5")
+    result = train_model(cfg, data, verbose=0)
+    expected = [0.1, 0.1 / (1 + 0.1 * 3), 0.5 * 0.1 / (1 + 0.1 * 6)]  # the rate at each epoch's first step
+    assert result.history["learning_rate"].tolist() == pytest.approx(expected, rel=1e-5)
+    json.dumps(result.network.optimizer.get_config())  # what train.main logs as optimizer.json
+
+
+# --------------------------------------------------------------------------- loss and callbacks
+
+
+def test_label_smoothing_trains_on_one_hot_labels_and_unlabeled_batches_still_work(data):
+    result = train_model(config("train.label_smoothing=0.1"), data, verbose=0)
+    loss = result.network.loss
+    assert isinstance(loss, keras.losses.CategoricalCrossentropy) and loss.get_config()["label_smoothing"] == 0.1
+    assert np.isfinite(result.history["loss"]).all()
+    images, labels = next(iter(make_dataset(data.val_x, data.val_y, data.stats, 4, shuffle=False, num_classes=CLASSES)))
+    assert labels.shape == (4, CLASSES) and np.array_equal(labels.numpy().argmax(1), data.val_y[:4])
+    probs = predict_probs(result.network, data.val_x, data.stats)  # evaluate's path: make_dataset(x, None, ...)
+    assert probs.shape == (len(data.val_x), CLASSES)
+
+
+def test_checkpoint_keeps_the_best_epoch_and_reports_it(data):
+    cfg = config("optimizer.learning_rate=0.05", "train.epochs=3", "callbacks.checkpoint.enabled=true")
+    result = train_model(cfg, data, verbose=0)
+    val_loss = result.history["val_loss"].to_numpy()
+    assert result.restored_epoch == int(val_loss.argmin()) + 1
+    val = make_dataset(data.val_x, data.val_y, data.stats, 16, shuffle=False)
+    loss, _ = result.network.evaluate(val, verbose=0)
+    assert loss == pytest.approx(val_loss.min(), rel=1e-5)  # the network holds the best epoch's weights
+    assert totals(result, len(data.train_x))["restored_epoch"] == result.restored_epoch
+
+
+def test_early_stopping_reports_the_stopped_and_restored_epochs(data):
+    # min_delta 100: only the first epoch is an improvement, so patience 0 stops after the second
+    cfg = config("train.epochs=5", "callbacks.early_stopping.enabled=true", "callbacks.early_stopping.patience=0",
+                 "callbacks.early_stopping.min_delta=100")
+    result = train_model(cfg, data, verbose=0)
+    assert len(result.history) == 2 and (result.stopped_epoch, result.restored_epoch) == (2, 1)
+    facts = totals(result, len(data.train_x))
+    assert (facts["stopped_epoch"], facts["restored_epoch"], facts["epochs_run"]) == (2.0, 1.0, 2.0)
+
+
+def test_initial_model_continues_from_a_saved_models_weights(data, tmp_path):
+    first = train_model(config(), data, verbose=0)
+    path = tmp_path / "model.keras"
+    raw_input_model(first.network, data.stats).save(path)
+    # as notebook 004: the same network, recompiled with a new optimizer and a far lower rate
+    again = train_model(config(f"train.initial_model={path}", "optimizer.name=sgd", "optimizer.learning_rate=1e-9"),
+                        data, verbose=0)
+    for before, after in zip(first.network.get_weights(), again.network.get_weights()):
+        np.testing.assert_allclose(after, before, atol=1e-6)
+    with pytest.raises(PipelineError, match=r"does not match the one model.\* describes .*'dense1'"):
+        train_model(config(f"train.initial_model={path}", "model.dense=[16]"), data, verbose=0)
+    with pytest.raises(PipelineError, match="train.initial_model = .*nothing.keras': file not found"):
+        train_model(config(f"train.initial_model={tmp_path / 'nothing.keras'}"), data, verbose=0)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+AUGMENT = ["augment.flip=horizontal_and_vertical", "augment.translation=0.1", "augment.rotation_degrees=15",
+           "augment.zoom=0.1", "augment.contrast=0.2"]
+
+
+def test_augmentation_is_seeded_random_and_on_the_training_split_only(data):
+    cfg = config(*AUGMENT)
+    augmenter = build_augmenter(cfg.augment, seed=7)
+    assert [type(layer).__name__ for layer in augmenter.layers] == [
+        "RandomFlip", "RandomTranslation", "RandomRotation", "RandomZoom", "RandomContrast"]
+    assert augmenter.layers[2].get_config()["factor"] == pytest.approx((-15 / 360, 15 / 360))  # turns
+
+    def first_epoch(augment):
+        ds = make_dataset(data.train_x, data.train_y, data.stats, 16, shuffle=True, seed=1, augment=augment)
+        return [images.numpy() for images, _ in ds]
+
+    same = first_epoch(build_augmenter(cfg.augment, seed=7)), first_epoch(build_augmenter(cfg.augment, seed=7))
+    assert all(np.array_equal(a, b) for a, b in zip(*same))
+    assert not any(np.array_equal(a, b) for a, b in zip(same[0], first_epoch(None)))
+
+    result = train_model(cfg, data, verbose=0)
+    val = make_dataset(data.val_x, data.val_y, data.stats, 16, shuffle=False)
+    loss, _ = result.network.evaluate(val, verbose=0)
+    assert loss == pytest.approx(result.history["val_loss"].iloc[-1], rel=1e-5)  # validation saw plain images
+
+
+def test_augmentation_samples_are_a_png_grid_of_originals_and_variants(data):
+    augmenter = build_augmenter(config(*AUGMENT).augment, seed=7)
+    fig = augmentation_samples(data.train_x, data.train_y, augmenter, data.class_names)
+    rows = min(8, len(data.train_x))
+    assert len(fig.axes) == rows * 6
+    originals, variants = fig.axes[0].images[0].get_array(), fig.axes[1].images[0].get_array()
+    first = int(np.flatnonzero(data.train_y == 0)[0])
+    assert np.array_equal(originals, data.train_x[first, ..., 0]) and not np.array_equal(originals, variants)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    assert png.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- the notebooks, as params
+
+
+NOTEBOOK_EXPERIMENTS = {
+    # 000: SGD(lr=0.01, momentum=0.9, decay=lrate/epochs, nesterov=False), 25 epochs of batch 256
+    "000 base": (["optimizer.name=sgd", "optimizer.learning_rate=0.01", "optimizer.momentum=0.9",
+                  "optimizer.nesterov=false", "optimizer.decay=0.0004", "train.epochs=25", "train.batch_size=256"],
+                 "SGD", {"momentum": 0.9, "nesterov": False}),
+    # 001 models 4-5: Adamax(lr=0.002, beta_1=0.9, beta_2=0.999, epsilon=1, decay=0.0)
+    "001 adamax": (["optimizer.name=adamax", "optimizer.learning_rate=0.002", "optimizer.beta_1=0.9",
+                    "optimizer.beta_2=0.999", "optimizer.epsilon=1"], "Adamax", {"epsilon": 1.0}),
+    # 003 models 5-7: SGD(lr=0.01, decay=1e-6, momentum=0.9, nesterov=True) + ReduceLROnPlateau(val_accuracy, 3, 0.5, 1e-5)
+    "003 model 5": (["optimizer.name=sgd", "optimizer.learning_rate=0.01", "optimizer.decay=1e-6",
+                     "optimizer.momentum=0.9", "optimizer.nesterov=true", "callbacks.reduce_lr.monitor=val_accuracy",
+                     "callbacks.reduce_lr.patience=3", "callbacks.early_stopping.enabled=false"],
+                    "SGD", {"nesterov": True}),
+    # 003: Adadelta() with Keras 2's default rate of 1.0 (Keras 3's default is 0.001)
+    "003 adadelta": (["optimizer.name=adadelta", "optimizer.learning_rate=1.0"], "Adadelta", {"rho": 0.95}),
+    # 004: RMSprop(lr=0.0001, decay=1e-6) with EarlyStopping(monitor='val_acc', patience=5)
+    "004 baseline": (["optimizer.name=rmsprop", "optimizer.learning_rate=1e-4", "optimizer.decay=1e-6",
+                      "callbacks.early_stopping.monitor=val_accuracy", "callbacks.early_stopping.patience=5",
+                      "callbacks.reduce_lr.enabled=false", "train.epochs=100", "train.batch_size=32"],
+                     "RMSprop", {"rho": 0.9, "momentum": 0.0}),
+}
+
+
+@pytest.mark.parametrize("name", list(NOTEBOOK_EXPERIMENTS))
+def test_notebook_experiments_are_params(name):
+    overrides, keras_name, settings = NOTEBOOK_EXPERIMENTS[name]
+    cfg = config(*overrides)
+    schedule = learning_rate_schedule(cfg.optimizer, steps_per_epoch=100, epochs=cfg.train.epochs)
+    optimizer = build_optimizer(cfg.optimizer, schedule)
+    assert type(optimizer).__name__ == keras_name
+    assert {key: optimizer.get_config()[key] for key in settings} == pytest.approx(settings)
+    if cfg.optimizer.decay:
+        assert rate(schedule, 1000) == pytest.approx(cfg.optimizer.learning_rate / (1 + cfg.optimizer.decay * 1000))
+    assert math.isfinite(float(keras.ops.convert_to_numpy(optimizer.learning_rate)))
