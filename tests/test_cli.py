@@ -77,8 +77,11 @@ def test_crash_ends_the_run_failed_and_ctrl_c_ends_it_killed(project):
     (failed,) = store.search_runs([exp.experiment_id])
     assert failed.info.status == "FAILED" and failed.data.tags["error"]
 
-    proc = subprocess.Popen([str(BIN / "pipeline"), "--set", "train.epochs=500", "train"], cwd=project,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that starts jobs in the background (as CI may) leaves SIGINT ignored, and Python then keeps it
+    # ignored; restore the default so the child gets KeyboardInterrupt like a terminal's Ctrl-C gives it.
+    proc = subprocess.Popen([str(BIN / "pipeline"), "--set", "train.epochs=5000", "train"], cwd=project,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     running = []
     while time.time() < deadline and proc.poll() is None:
