@@ -477,6 +477,7 @@ class TrainConfig(Section):
     batch_size: int = Field(128, ge=1)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: one-hot labels, CategoricalCrossentropy(label_smoothing)
     initial_model: Optional[str] = None  # a model.keras saved by the train stage: start from its network's weights
+    deterministic: bool = True  # TensorFlow op determinism: same params + same machine = bitwise-equal results
 
 
 class EarlyStoppingConfig(Section):

@@ -60,12 +60,21 @@ def environment_tags() -> dict[str, str]:
     import mlflow
     import tensorflow as tf
 
+    from importlib.metadata import PackageNotFoundError, version
+
     gpus = tf.config.list_physical_devices("GPU")
+    others = {}
+    for package in ("numpy", "pandas", "dvc", "scikit-learn"):
+        try:
+            others[f"versions.{package}"] = version(package)
+        except PackageNotFoundError:
+            pass
     return {
         "versions.tensorflow": tf.__version__,
         "versions.keras": keras.__version__,
         "versions.mlflow": mlflow.__version__,
         "versions.python": platform.python_version(),
+        **others,
         "device": "gpu:" + ",".join(d.name for d in gpus) if gpus else f"cpu:{cpu_model()}",
     }
 

@@ -42,11 +42,18 @@ SAMPLE_ROWS = 8  # images in the augmentation sample grid (the first of each cla
 SAMPLE_DRAWS = 5  # augmented versions of each, beside the original
 
 
-def seed_everything(seed: int) -> None:
-    """Python, NumPy and the backend's generators (keras.utils.set_random_seed seeds all three)."""
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    """Python, NumPy and the backend's generators (keras.utils.set_random_seed seeds all three).
+
+    `deterministic` turns on TensorFlow's op determinism, so that ops with a
+    non-deterministic kernel either use a deterministic one or raise.
+    """
     import keras
+    import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray | None, stats: dict, batch_size: int, shuffle: bool, seed: int = 0,
@@ -309,7 +316,7 @@ def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2) ->
     from pipeline.models import build_model
     from pipeline.tracking import epoch_callback
 
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed, cfg.train.deterministic)
     num_classes = len(data.class_names)
     network = build_model(cfg.model, data.input_shape, num_classes)
     if cfg.train.initial_model:

@@ -293,3 +293,19 @@ def test_notebook_experiments_are_params(name):
     if cfg.optimizer.decay:
         assert rate(schedule, 1000) == pytest.approx(cfg.optimizer.learning_rate / (1 + cfg.optimizer.decay * 1000))
     assert math.isfinite(float(keras.ops.convert_to_numpy(optimizer.learning_rate)))
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_same_params_train_bitwise_identical(data):
+    """seed + train.deterministic: per-epoch metrics and every weight are equal, not merely close."""
+    cfg = config("train.epochs=2", "model.dense_dropout=0.5", "augment.flip=horizontal", "augment.rotation_degrees=10")
+    first, second = (train_model(cfg, data, verbose=0) for _ in range(2))
+    columns = ["loss", "accuracy", "val_loss", "val_accuracy"]
+    assert first.history[columns].equals(second.history[columns])
+    for a, b in zip(first.network.get_weights(), second.network.get_weights()):
+        assert np.array_equal(a, b)
+    other = train_model(config("train.epochs=2", "model.dense_dropout=0.5", "augment.flip=horizontal",
+                               "augment.rotation_degrees=10", "seed=7"), data, verbose=0)
+    assert not np.array_equal(other.network.get_weights()[0], first.network.get_weights()[0])
