@@ -478,6 +478,8 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: one-hot labels, CategoricalCrossentropy(label_smoothing)
     initial_model: Optional[str] = None  # a model.keras saved by the train stage: start from its network's weights
     deterministic: bool = True  # TensorFlow op determinism: same params + same machine = bitwise-equal results
+    # auto: bf16 mixed precision where it is faster on this machine (pipeline/hardware.py), else float32
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
 
 
 class EarlyStoppingConfig(Section):

@@ -312,7 +312,9 @@ def normalizer(stats: dict):
     """keras.layers.Normalization with the preprocess stage's statistics: (x - mean) / sqrt(variance)."""
     import keras
 
-    return keras.layers.Normalization(mean=stats["mean"], variance=stats["variance"], name="normalize")
+    # float32 whatever the mixed-precision policy: the network casts to its compute dtype itself
+    return keras.layers.Normalization(mean=stats["mean"], variance=stats["variance"], name="normalize",
+                                      dtype="float32")
 
 
 def raw_input_model(network, stats: dict):

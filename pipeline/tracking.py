@@ -62,7 +62,10 @@ def environment_tags() -> dict[str, str]:
 
     from importlib.metadata import PackageNotFoundError, version
 
+    from pipeline.hardware import cpu_info
+
     gpus = tf.config.list_physical_devices("GPU")
+    cpu = cpu_info()
     others = {}
     for package in ("numpy", "pandas", "dvc", "scikit-learn"):
         try:
@@ -75,19 +78,11 @@ def environment_tags() -> dict[str, str]:
         "versions.mlflow": mlflow.__version__,
         "versions.python": platform.python_version(),
         **others,
-        "device": "gpu:" + ",".join(d.name for d in gpus) if gpus else f"cpu:{cpu_model()}",
+        "device": "gpu:" + ",".join(d.name for d in gpus) if gpus else f"cpu:{cpu['model']}",
+        "cpu.model": str(cpu["model"]),
+        "cpu.flags": " ".join(cpu["flags"]),  # those that decide speed: AVX2, AVX-512, BF16, AMX
+        "cpu.cores": str(cpu["cores"]),
     }
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @contextlib.contextmanager

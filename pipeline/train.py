@@ -302,6 +302,8 @@ class TrainResult:
     train_seconds: float
     stopped_epoch: int | None  # epoch (1-based) at which early stopping fired, None if it did not
     restored_epoch: int | None = None  # epoch (1-based) whose weights `network` holds; None: the last one
+    precision: str = "float32"  # the Keras mixed-precision policy it trained under (train.precision resolved)
+    precision_reason: str = ""  # why: the setting, or what `auto` found on this machine
 
 
 def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2) -> TrainResult:
@@ -311,6 +313,22 @@ def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2) ->
     returned network holds the best checkpoint's weights (callbacks.checkpoint), else early
     stopping's restored best (callbacks.early_stopping.restore_best_weights), else the last epoch's.
     """
+    import keras
+
+    from pipeline.hardware import resolve_precision
+
+    precision, reason = resolve_precision(cfg.train.precision)
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)  # layers take it when they are built
+    try:
+        result = _fit(cfg, data, on_epoch, verbose)
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+    result.precision, result.precision_reason = precision, reason
+    return result
+
+
+def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int) -> TrainResult:
     import keras
 
     from pipeline.models import build_model
@@ -475,10 +493,12 @@ def main(cfg: Config, data_dir, raw_dir, out_dir) -> str:
                 "test_images": float(0 if data.test_x is None else len(data.test_x)),
             }
             mlflow.log_params({
+                "derived.precision": result.precision,
                 "derived.input_shape": "x".join(map(str, data.input_shape)),
                 "derived.raw_shape": "x".join(map(str, data.stats["raw_shape"])),
                 "derived.num_classes": len(data.class_names),
             })
+            mlflow.set_tag("precision.reason", result.precision_reason)
             mlflow.log_metrics({**facts, **totals(result, len(data.train_x))})
             mlflow.log_text(summary, "model_summary.txt")
             # the optimizer as Keras ran it: the values that optimizer.* params left null (Keras' defaults) included

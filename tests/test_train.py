@@ -309,3 +309,38 @@ def test_same_params_train_bitwise_identical(data):
     other = train_model(config("train.epochs=2", "model.dense_dropout=0.5", "augment.flip=horizontal",
                                "augment.rotation_degrees=10", "seed=7"), data, verbose=0)
     assert not np.array_equal(other.network.get_weights()[0], first.network.get_weights()[0])
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "float32"])
+def test_precision_trains_in_that_policy_and_the_raw_model_matches_the_network(data, precision, tmp_path):
+    """Mixed precision computes in bf16 with float32 weights; the saved raw-pixel wrapper runs the same network,
+    so it predicts what the network predicts on the preprocessed arrays, before and after a save/load."""
+    result = train_model(config(f"train.precision={precision}"), data, verbose=0)
+    assert result.precision == precision and result.precision_reason == "train.precision"
+    conv = result.network.get_layer("conv1_1")
+    assert conv.compute_dtype == ("bfloat16" if precision == "mixed_bfloat16" else "float32")
+    assert conv.kernel.dtype == "float32"
+    assert result.network.output.dtype == "float32"  # the softmax stays float32 for a stable loss
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored for whatever runs next
+    expected = predict_probs(result.network, data.val_x, data.stats)
+    wrapper = raw_input_model(result.network, data.stats)
+    assert np.array_equal(wrapper.predict(data.val_x, verbose=0), expected)
+    wrapper.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert np.array_equal(loaded.predict(data.val_x, verbose=0), expected)
+
+
+def test_auto_precision_says_why_and_picks_a_policy_keras_knows(data):
+    from pipeline.hardware import POLICIES, cpu_info, resolve_precision
+
+    policy, reason = resolve_precision("auto")
+    assert policy in POLICIES and reason
+    flags = cpu_info()["flags"]
+    if "amx_bf16" in flags:
+        assert policy == "mixed_bfloat16"
+    elif "avx512_bf16" not in flags:
+        assert policy == "float32" and "without" in reason
+    assert train_model(config(), data, verbose=0).precision == policy  # auto is the default

@@ -1,0 +1,136 @@
+"""What this machine is, and the numeric precision training runs in (`train.precision`).
+
+`auto` picks bfloat16 mixed precision only where it is faster here, because
+the CPU flags alone do not tell: on a CPU with AMX, bf16 convolutions run
+several times faster than float32; with AVX512-BF16 and no AMX it depends on
+the chip (about 1.4x faster on AMD Zen 4, but 2-3x slower than float32 on an
+Intel Xeon whose hypervisor hides AMX, measured with TensorFlow 2.21). So on a
+CPU with AVX512-BF16 and no AMX, `auto` times a small convolution and matmul in
+both precisions once, and caches the verdict per CPU model, flags and
+TensorFlow version, so every run on one machine decides the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("float32", "mixed_bfloat16", "mixed_float16")  # keras.mixed_precision policy names
+FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+BF16_SPEEDUP_NEEDED = 1.15  # the probe's bf16/fp32 speed ratio from which `auto` takes bf16
+CACHE = Path("~/.cache/image-pipeline/precision.json")
+
+
+def cpu_info() -> dict[str, object]:
+    """{'model': ..., 'flags': [...]} from /proc/cpuinfo (Linux); the flags that decide speed only."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model or platform.processor() or platform.machine(),
+            "flags": [flag for flag in FLAGS_OF_INTEREST if flag in flags],
+            "cores": os.cpu_count() or 1}
+
+
+def gpus() -> list:
+    import tensorflow as tf
+
+    return tf.config.list_physical_devices("GPU")
+
+
+def gpu_supports_bf16(device) -> bool:
+    """Compute capability 8.0 (Ampere) and later run bf16 on tensor cores."""
+    import tensorflow as tf
+
+    details = tf.config.experimental.get_device_details(device)
+    return tuple(details.get("compute_capability") or (0, 0)) >= (8, 0)
+
+
+def resolve_precision(setting: str) -> tuple[str, str]:
+    """(keras mixed-precision policy, why) for train.precision = `setting`."""
+    if setting != "auto":
+        return setting, "train.precision"
+    devices = gpus()
+    if devices:
+        if all(gpu_supports_bf16(device) for device in devices):
+            return "mixed_bfloat16", "GPU with compute capability >= 8.0"
+        return "float32", "GPU without bf16 (compute capability < 8.0)"
+    cpu = cpu_info()
+    if "amx_bf16" in cpu["flags"]:
+        return "mixed_bfloat16", "CPU with AMX-BF16"
+    if "avx512_bf16" not in cpu["flags"]:
+        return "float32", "CPU without AVX512-BF16 or AMX"
+    ratio = probe_bf16_speedup(cpu)
+    if ratio >= BF16_SPEEDUP_NEEDED:
+        return "mixed_bfloat16", f"CPU with AVX512-BF16, bf16 measured {ratio:.2f}x fp32's speed"
+    return "float32", f"CPU with AVX512-BF16, bf16 measured {ratio:.2f}x fp32's speed (< {BF16_SPEEDUP_NEEDED})"
+
+
+def probe_bf16_speedup(cpu: dict) -> float:
+    """fp32 time / bf16 time of a small CNN's training steps, cached per machine kind.
+
+    A whole network, not one convolution: in bf16 the elementwise ops, pooling and casts around the
+    convolutions can cost more than the convolutions save (they did on the Intel CPU named above).
+    """
+    import tensorflow as tf
+
+    key = f"{cpu['model']}|{','.join(cpu['flags'])}|{cpu['cores']}|tensorflow {tf.__version__}"
+    cache = CACHE.expanduser()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), (int, float)):
+        return float(known[key])
+    ratio = _time_training("float32") / _time_training("mixed_bfloat16")
+    log.info("precision probe: bf16 trains at %.2fx fp32's speed on %s", ratio, cpu["model"])
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**known, key: round(ratio, 3)}, indent=1))
+        os.replace(tmp, cache)
+    except OSError:  # an unwritable home: probe again next time
+        pass
+    return ratio
+
+
+def _time_training(policy: str, steps: int = 6) -> float:
+    """Median seconds of a training step of a two-block CNN on 128 28x28 images under `policy`."""
+    import keras
+    import numpy as np
+    from keras import layers
+
+    rng = np.random.default_rng(0)
+    images = rng.random((128, 28, 28, 1), dtype="float32")
+    labels = rng.integers(0, 10, 128)
+    model = keras.Sequential([
+        keras.Input((28, 28, 1)),
+        layers.Conv2D(32, 3, padding="same", activation="relu", dtype=policy),
+        layers.MaxPooling2D(dtype=policy),
+        layers.Conv2D(64, 3, padding="same", activation="relu", dtype=policy),
+        layers.MaxPooling2D(dtype=policy),
+        layers.Flatten(dtype=policy),
+        layers.Dense(128, activation="relu", dtype=policy),
+        layers.Dense(10, activation="softmax", dtype="float32"),
+    ])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    model.train_on_batch(images, labels)  # trace and warm up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        model.train_on_batch(images, labels)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
