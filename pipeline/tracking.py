@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import socket
 import subprocess
 import time
@@ -71,7 +72,10 @@ def connect(cfg: Config):
             experiment = mlflow.set_experiment(cfg.mlflow.experiment_name)
     except Exception as exc:  # any store error: unreachable server, bad URI, locked database
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"MLflow tracking store {uri!r} cannot be used: {first}") from None
+        # a refused or timed-out connection: its reason, not urllib3's paragraph about retries
+        reason = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out|timed out", first)
+        first = f"cannot be reached ({reason.group(0)})" if reason else f"cannot be used: {first}"
+        raise PipelineError(f"MLflow tracking store {uri!r} {first}") from None
     return experiment
 
 
