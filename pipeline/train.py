@@ -403,7 +403,7 @@ class TrainResult:
     train_seconds: float
     stopped_epoch: int | None  # epoch (1-based) at which early stopping fired, None if it did not
     restored_epoch: int | None = None  # epoch (1-based) whose weights `network` holds; None: the last one
-    resumed_epoch: int = 0  # the epochs (counted from 1) restored from a backup rather than trained here
+    resumed_epoch: int = 0  # how many epochs came from a backup (trained before a kill) rather than from this call
 
 
 # Callback attributes that decide what a training does next; Keras resets them in on_train_begin.
