@@ -4,6 +4,13 @@ Everything a notebook experiment changes is a param: the optimizer and its own
 arguments, a learning-rate schedule, gradient clipping, label smoothing,
 callbacks (early stopping, plateau reduction, best checkpoint), continuing
 from a saved model, and on-the-fly augmentation of the training batches.
+
+A killed training resumes after its last completed epoch (Backup, written
+after every epoch beside the stage's output) and, with train.deterministic,
+ends as if never interrupted: each epoch's shuffle order and augmentation
+draws depend on (seed, epoch, batch) only, and the backup holds everything
+else that decides what comes next (weights, seed generators, optimizer,
+callbacks' counters and bests, the history so far).
 """
 
 from __future__ import annotations
@@ -467,7 +474,10 @@ class Backup:
         snapshots = sorted(self.folder.glob("epoch-*/state.json")) if self.folder.is_dir() else []
         if not snapshots:
             return None
-        state = json.loads(snapshots[-1].read_text())
+        try:
+            state = json.loads(snapshots[-1].read_text())
+        except (OSError, ValueError):  # renamed into place whole, so only a damaged disk gets here
+            state = {}
         if state.get("key") != self.key:
             log.info("train: discarding %s, the backup of a training with other params, data or code", self.folder)
             shutil.rmtree(self.folder, ignore_errors=True)
