@@ -1,8 +1,19 @@
 """MLflow: one run per training, reopened by evaluate and predict; the per-epoch callback.
 
-DVC decides what runs; MLflow records what ran (STYLE 2). A run never stays
+DVC decides what runs; MLflow records what ran (STYLE 2). A run does not stay
 RUNNING: `run_scope` ends it FINISHED, FAILED (with the error as a tag) or
-KILLED (Ctrl-C / SIGTERM).
+KILLED (Ctrl-C / SIGTERM). A process killed outright (SIGKILL, out of memory,
+a machine that stopped) cannot end its run, so every run records the host and
+process that opened it (tags `pipeline.host`, `pipeline.pid`), and each
+`run_scope` first marks FAILED the experiment's RUNNING runs that this host
+opened from a process that no longer exists, with an `error` tag saying so,
+except the run it is about to reopen: a killed training that resumes from its
+backup continues its own run (see train.py), whose epochs then follow on from
+the last one logged.
+
+The store is checked up front (`connect`) with MLflow's HTTP retries turned
+off, so an unreachable tracking server fails the stage in seconds, in one line
+naming its URI, before any work; later requests keep MLflow's own retries.
 """
 
 from __future__ import annotations
@@ -10,8 +21,11 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
+import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.config import Config
@@ -20,18 +34,117 @@ from pipeline.errors import PipelineError
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds")
 
 
+# For the up-front check only: one try, no back-off, a short wait (MLflow's defaults retry for minutes).
+QUICK_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",  # seconds
+}
+
+
+@contextlib.contextmanager
+def _quick_http() -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in QUICK_HTTP}
+    os.environ.update(QUICK_HTTP)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def connect(cfg: Config):
-    """Point MLflow at the configured store; fail early, in one line, when it cannot be reached."""
+    """Point MLflow at the configured store; fail early, in one line naming it, when it cannot be used.
+
+    The check (set_experiment) makes one HTTP try with a 10 s timeout: an unreachable server fails at
+    once instead of after MLflow's retries.
+    """
     import mlflow
 
     uri = cfg.tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        experiment = mlflow.set_experiment(cfg.mlflow.experiment_name)
+        with _quick_http():
+            experiment = mlflow.set_experiment(cfg.mlflow.experiment_name)
     except Exception as exc:  # any store error: unreachable server, bad URI, locked database
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"MLflow tracking store {uri!r} cannot be used: {first}") from None
+        # a refused or timed-out connection: its reason, not urllib3's paragraph about retries
+        reason = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out|timed out", first)
+        first = f"cannot be reached ({reason.group(0)})" if reason else f"cannot be used: {first}"
+        raise PipelineError(f"MLflow tracking store {uri!r} {first}") from None
     return experiment
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host and has not ended (a zombie has ended)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    try:  # the state letter follows the parenthesised command name
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def fail_abandoned_runs(experiment_id: str, keep: str | None = None) -> list[str]:
+    """Mark FAILED the experiment's RUNNING runs that this host opened from a process that no longer exists.
+
+    `keep` (the run about to be reopened) is left alone, as are runs of other hosts (their processes
+    cannot be checked from here) and runs without the `pipeline.pid` tag. Returns the ids marked.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    running = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`pipeline.host` = '{host}'",
+        max_results=1000,
+    )
+    marked = []
+    for run in running:
+        pid = run.data.tags.get("pipeline.pid", "")
+        if run.info.run_id == keep or not pid.isdigit() or int(pid) == os.getpid() or process_alive(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "error",
+                       f"process {pid} on {host} ended without closing the run (killed, or its machine stopped)")
+        client.set_terminated(run.info.run_id, "FAILED")
+        marked.append(run.info.run_id)
+    return marked
+
+
+def run_in_experiment(run_id: str, experiment_id: str) -> bool:
+    """Whether the configured store has run `run_id`, in that experiment (and not deleted)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        return False
+    return run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active"
+
+
+def clear_error(run_id: str) -> None:
+    """Remove the `error` tag of a run that continues (a resumed training's, once FAILED or KILLED)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if "error" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "error")
+
+
+def last_logged_epoch(run_id: str) -> int:
+    """The highest step (epoch) of the run's `loss` metric; 0 when none is logged."""
+    from mlflow.tracking import MlflowClient
+
+    return max((m.step for m in MlflowClient().get_metric_history(run_id, "loss")), default=0)
 
 
 def default_run_name(cfg: Config) -> str:
@@ -90,20 +203,25 @@ def run_scope(cfg: Config, run_id: str | None = None, tags: dict | None = None) 
     """Start (or reopen) a run and always end it: FINISHED, FAILED with the error, or KILLED.
 
     Reopens `run_id` when given, else the run `mlflow run` created
-    (MLFLOW_RUN_ID), else starts a new one named after its key params.
+    (MLFLOW_RUN_ID), else starts a new one named after its key params. First
+    marks FAILED the runs that killed processes of this host left RUNNING
+    (fail_abandoned_runs), and tags the run with this host and process.
     """
     import mlflow
 
-    connect(cfg)
+    experiment = connect(cfg)
     current = mlflow.active_run()
     if current is not None and run_id in (None, current.info.run_id):
         yield current.info.run_id  # nested in an outer scope (`pipeline run`), which ends the run
         return
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+    fail_abandoned_runs(experiment.experiment_id, keep=run_id)
+    owner = {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
     if run_id:
         active = mlflow.start_run(run_id=run_id)
+        mlflow.set_tags(owner)
     else:
-        active = mlflow.start_run(run_name=default_run_name(cfg), tags=tags)
+        active = mlflow.start_run(run_name=default_run_name(cfg), tags={**(tags or {}), **owner})
     run_id = active.info.run_id
     try:
         yield run_id

@@ -4,15 +4,25 @@ Everything a notebook experiment changes is a param: the optimizer and its own
 arguments, a learning-rate schedule, gradient clipping, label smoothing,
 callbacks (early stopping, plateau reduction, best checkpoint), continuing
 from a saved model, and on-the-fly augmentation of the training batches.
+
+A killed training resumes after its last completed epoch (Backup, written
+after every epoch beside the stage's output) and, with train.deterministic,
+ends as if never interrupted: each epoch's shuffle order and augmentation
+draws depend on (seed, epoch, batch) only, and the backup holds everything
+else that decides what comes next (weights, seed generators, optimizer,
+callbacks' counters and bests, the history so far).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -57,39 +67,79 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 
 def make_dataset(x: np.ndarray, y: np.ndarray | None, stats: dict, batch_size: int, shuffle: bool, seed: int = 0,
-                 *, num_classes: int | None = None, augment=None):
+                 *, num_classes: int | None = None, augment=None, epochs: tuple[int, int] = (0, 1)):
     """uint8 images batched, [augmented,] then normalised per batch with the preprocess statistics; prefetched.
 
     Images stay uint8 until the batch (4x less memory traffic than float32 arrays).
+    shuffle: the training split: one pass for each epoch in range(*epochs), each in an order drawn from
+    (seed, epoch) alone, so that epoch k's batches are the same whether the training started at epoch 0 or
+    resumed at k. Without shuffle: one pass in order (`epochs` is ignored).
     num_classes: turn the labels into one-hot vectors of that length (what label smoothing needs);
     None keeps class indices. augment: a Keras layer given each batch as float32 pixel values
-    (0..255) in training mode, before normalisation; for the training split only.
+    (0..255) in training mode, before normalisation; for the training split only. Its random draws
+    for a batch are seeded from (each layer's seed, epoch, batch number), for the same reason.
     """
     import tensorflow as tf
 
     from pipeline.models import normalizer
 
     norm = normalizer(stats)
-    items = x if y is None else (x, y)
-    ds = tf.data.Dataset.from_tensor_slices(items)
-    if shuffle:
-        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    if augment is not None:
-        # Not parallel: the layers draw from shared seed generators, and parallel calls take their
-        # draws in a varying order, so the same seed would give different images from run to run.
-        if y is None:
-            ds = ds.map(lambda images: augment(tf.cast(images, "float32"), training=True))
-        else:
-            ds = ds.map(lambda images, labels: (augment(tf.cast(images, "float32"), training=True), labels))
-    if y is None:
-        ds = ds.map(lambda images: norm(images), num_parallel_calls=tf.data.AUTOTUNE)
-    elif num_classes is None:
-        ds = ds.map(lambda images, labels: (norm(images), labels), num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        ds = ds.map(lambda images, labels: (norm(images), tf.one_hot(labels, num_classes)),
-                    num_parallel_calls=tf.data.AUTOTUNE)
+    count, batches = len(x), math.ceil(len(x) / batch_size)
+    pixels = tf.constant(x)
+    labels = None if y is None else tf.constant(y)
+
+    def epoch_batches(epoch):  # -> (batch number counted from epoch 0, the batch's row indices)
+        order = tf.range(count, dtype="int64")
+        if shuffle:
+            order = tf.random.experimental.stateless_shuffle(order, seed=tf.stack([tf.constant(seed, "int64"), epoch]))
+        rows = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+        return rows.map(lambda number, indices: (epoch * batches + number, indices))
+
+    if shuffle:  # the count of batches is then unknown to tf.data: fit is given steps_per_epoch
+        ds = tf.data.Dataset.range(*epochs).flat_map(epoch_batches)
+    else:  # a known count of batches, as evaluate and predict expect
+        ds = epoch_batches(tf.constant(0, "int64"))
+    reseed = _reseed_augmenter(augment)
+
+    def load(number, indices):
+        images = tf.gather(pixels, indices)
+        if augment is not None:
+            with tf.control_dependencies(reseed(number)):  # the draws below read the generators' new state
+                images = augment(tf.cast(images, "float32"), training=True)
+        images = norm(images)
+        if labels is None:
+            return images
+        batch_labels = tf.gather(labels, indices)
+        return images, batch_labels if num_classes is None else tf.one_hot(batch_labels, num_classes)
+
+    # Not parallel with augmentation: a batch resets the layers' shared seed generators, then draws from them.
+    ds = ds.map(load, num_parallel_calls=None if augment is not None else tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+AUGMENT_DRAWS_PER_BATCH = 1024  # room in a seed generator's counter for one batch's draws (each layer takes 1-3)
+
+
+def _reseed_augmenter(augment):
+    """A function of the batch number that sets every seed generator of `augment` to [its seed, number * 1024].
+
+    Keras' seed generators count their draws, so a layer's draws depend on how many batches it saw before;
+    resetting them per batch makes them depend on the batch number only (needed to resume a training).
+    """
+    import tensorflow as tf
+
+    if augment is None:
+        return lambda number: []
+    generators = [v for v in augment.variables if "seed_generator_state" in v.path]
+    # each state starts as [seed, 0]: the seed the layer was built with
+    bases = [int(v.numpy()[0]) for v in generators]
+
+    def reseed(number):
+        return [v.value.assign(tf.cast(tf.stack([tf.constant(base, "int64"), number * AUGMENT_DRAWS_PER_BATCH]),
+                                       v.dtype))
+                for v, base in zip(generators, bases)]
+
+    return reseed
 
 
 def build_augmenter(cfg: AugmentConfig, seed: int):
@@ -218,8 +268,66 @@ def _keras_classes():
             if self.best is not before:
                 self.best_epoch = epoch + 1
 
+    class BackupState(keras.callbacks.Callback):
+        """Puts back the callbacks' state when fit begins; after every epoch, writes the training's state to a Backup.
+
+        It comes after the callbacks whose state it keeps: their on_train_begin (which resets them) runs
+        before it, and their on_epoch_end decisions (a lower rate, a new best, a stop) are in what it saves.
+        """
+
+        def __init__(self, backup, snapshot, stateful: list, variables: list, scaled, recorder):
+            super().__init__()
+            self.backup, self.snapshot, self.stateful, self.variables = backup, snapshot, stateful, variables
+            self.scaled, self.recorder = scaled, recorder
+            self.seconds = snapshot.state["train_seconds"] if snapshot is not None else 0.0
+            self._start = 0.0
+
+        def on_train_begin(self, logs=None):
+            self._start = time.perf_counter()
+            if self.snapshot is None:
+                return
+            saved = self.snapshot.state["callbacks"]
+            for index, callback in enumerate(self.stateful):
+                for name, value in saved.get(str(index), {}).items():
+                    setattr(callback, name, _decode(value))
+            if (self.snapshot.folder / "early_stopping.npz").is_file():
+                best = _load_arrays(self.snapshot.folder / "early_stopping.npz")
+                for callback in self.stateful:
+                    if isinstance(callback, keras.callbacks.EarlyStopping):
+                        callback.best_weights = best
+
+        def on_epoch_end(self, epoch, logs=None):
+            arrays = {"variables": [keras.ops.convert_to_numpy(v) for v in self.variables + self.model.optimizer.variables]}
+            files = {}
+            for callback in self.stateful:
+                if isinstance(callback, keras.callbacks.EarlyStopping) and callback.best_weights is not None:
+                    arrays["early_stopping"] = callback.best_weights
+                if isinstance(callback, keras.callbacks.ModelCheckpoint) and Path(callback.filepath).is_file():
+                    files["best.weights.h5"] = Path(callback.filepath)
+            now = time.perf_counter()
+            self.seconds += now - self._start
+            self._start = now
+            state = {
+                "epoch": epoch + 1,
+                "stop": bool(self.model.stop_training),
+                "rows": self.recorder.rows,
+                "train_seconds": self.seconds,
+                "callbacks": {str(i): {name: _encode(getattr(callback, name)) for name in _state_names(callback)}
+                              for i, callback in enumerate(self.stateful)},
+                "scale": None if self.scaled is None else float(self.scaled.scale.numpy()),
+            }
+            self.backup.save(epoch + 1, state, arrays, files)
+
     return SimpleNamespace(ScaledSchedule=ScaledSchedule, ReduceLROnPlateau=ReduceLROnPlateau,
-                           BestCheckpoint=BestCheckpoint)
+                           BestCheckpoint=BestCheckpoint, BackupState=BackupState)
+
+
+def _state_names(callback) -> tuple[str, ...]:
+    """The attributes of CALLBACK_STATE that `callback`'s Keras class (or a subclass of it) has."""
+    for base in type(callback).__mro__:
+        if base.__name__ in CALLBACK_STATE:
+            return CALLBACK_STATE[base.__name__]
+    return ()
 
 
 def build_callbacks(cfg: CallbacksConfig, scaled_schedule=None) -> list:
@@ -302,16 +410,134 @@ class TrainResult:
     train_seconds: float
     stopped_epoch: int | None  # epoch (1-based) at which early stopping fired, None if it did not
     restored_epoch: int | None = None  # epoch (1-based) whose weights `network` holds; None: the last one
+    resumed_epoch: int = 0  # how many epochs came from a backup (trained before a kill) rather than from this call
     precision: str = "float32"  # the Keras mixed-precision policy it trained under (train.precision resolved)
     precision_reason: str = ""  # why: the setting, or what `auto` found on this machine
 
 
-def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2) -> TrainResult:
+# Callback attributes that decide what a training does next; Keras resets them in on_train_begin.
+CALLBACK_STATE = {
+    "EarlyStopping": ("wait", "stopped_epoch", "best", "best_epoch"),
+    "ReduceLROnPlateau": ("wait", "cooldown_counter", "best"),
+    "ModelCheckpoint": ("best", "best_epoch"),
+}
+
+
+def resume_folder(out_dir) -> Path:
+    """Where the train stage output `out_dir` keeps its backup: a hidden sibling, because DVC deletes a
+    stage's outputs before it runs the stage again, and the stage writes them through a temporary folder."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.resume"
+
+
+def resume_key(cfg: Config, data: Prepared) -> str:
+    """sha256 of everything that decides a training: the params (but mlflow.* and predict.*), the prepared
+    arrays and statistics, the initial model's bytes, this package's code and the library versions."""
+    from importlib.metadata import version
+
+    from pipeline.files import sha256_file
+
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in ("mlflow", "predict")}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for array in (data.train_x, data.train_y, data.val_x, data.val_y):
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(json.dumps(data.stats, sort_keys=True).encode())
+    if cfg.train.initial_model and Path(cfg.train.initial_model).is_file():
+        digest.update(sha256_file(cfg.train.initial_model).encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + source.read_bytes())
+    for package in ("tensorflow", "keras", "numpy"):
+        digest.update(f"{package}=={version(package)}".encode())
+    return digest.hexdigest()
+
+
+@dataclass
+class Snapshot:
+    folder: Path  # epoch-NNNNN/: state.json, variables.npz[, early_stopping.npz][, best.weights.h5]
+    state: dict  # epoch (completed epochs), stop, rows, callbacks, scale, train_seconds, key, extra
+
+
+class Backup:
+    """A training's state after its last completed epoch, on disk, so that a killed training resumes there.
+
+    `folder` holds one snapshot `epoch-NNNNN/` per completed epoch, each written whole under a temporary
+    name and then renamed (a kill mid-write leaves the previous one); older ones are deleted once the new
+    one is in place. Each snapshot carries `key` (resume_key): a backup of another training is discarded.
+    `extra` (the MLflow run id) is stored with every snapshot.
+    """
+
+    def __init__(self, folder, key: str, extra: dict | None = None):
+        self.folder, self.key, self.extra = Path(folder), key, dict(extra or {})
+
+    def latest(self) -> Snapshot | None:
+        """The newest complete snapshot of this training; None (and the folder removed) if it holds another's."""
+        snapshots = sorted(self.folder.glob("epoch-*/state.json")) if self.folder.is_dir() else []
+        if not snapshots:
+            return None
+        try:
+            state = json.loads(snapshots[-1].read_text())
+        except (OSError, ValueError):  # renamed into place whole, so only a damaged disk gets here
+            state = {}
+        if state.get("key") != self.key:
+            log.info("train: discarding %s, the backup of a training with other params, data or code", self.folder)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return None
+        return Snapshot(snapshots[-1].parent, state)
+
+    def save(self, epoch: int, state: dict, arrays: dict[str, list], files: dict[str, Path]) -> None:
+        """Write snapshot `epoch`: state.json, one .npz per entry of `arrays`, copies of `files`; drop older ones."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".epoch-", suffix=".tmp", dir=self.folder))
+        for name, values in arrays.items():
+            with open(tmp / f"{name}.npz", "wb") as fh:
+                np.savez(fh, *values)
+        for name, source in files.items():
+            shutil.copyfile(source, tmp / name)
+        (tmp / "state.json").write_text(json.dumps({**state, "key": self.key, "extra": self.extra}, indent=1))
+        target = self.folder / f"epoch-{epoch:05d}"
+        shutil.rmtree(target, ignore_errors=True)  # left by an earlier attempt at this epoch
+        os.replace(tmp, target)
+        for older in self.folder.iterdir():
+            if older != target:
+                shutil.rmtree(older, ignore_errors=True) if older.is_dir() else older.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _load_arrays(path: Path) -> list[np.ndarray]:
+    """The arrays np.savez(fh, *arrays) wrote, in order."""
+    with np.load(path, allow_pickle=False) as saved:
+        return [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+
+def _encode(value):
+    """A callback attribute as JSON that gives back the same type: numpy scalars keep their dtype."""
+    if isinstance(value, np.generic):
+        return {"dtype": value.dtype.name, "value": value.item()}
+    return value if value is None or isinstance(value, (bool, int, float, str)) else float(value)
+
+
+def _decode(value):
+    return np.dtype(value["dtype"]).type(value["value"]) if isinstance(value, dict) else value
+
+
+def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2, backup: Backup | None = None
+                ) -> TrainResult:
     """Fit the network on `data`; `on_epoch(row)` is called after every epoch (MLflow logging).
 
     The network is model.*'s, starting from train.initial_model's weights when that is set. The
     returned network holds the best checkpoint's weights (callbacks.checkpoint), else early
     stopping's restored best (callbacks.early_stopping.restore_best_weights), else the last epoch's.
+
+    backup: after every epoch the whole training state goes there (weights, optimizer, seed generators,
+    the plateau scale, the callbacks' counters and bests, the history so far); when it already holds a
+    snapshot of this training, the training resumes after that epoch, and `on_epoch` is first called
+    again with each restored row (the caller skips those it has). It is left in place: the caller
+    clears it once the outputs are saved. With train.deterministic the result equals an uninterrupted
+    run's, bitwise.
     """
     import keras
 
@@ -321,14 +547,14 @@ def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2) ->
     before = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(precision)  # layers take it when they are built
     try:
-        result = _fit(cfg, data, on_epoch, verbose)
+        result = _fit(cfg, data, on_epoch, verbose, backup)
     finally:
         keras.mixed_precision.set_global_policy(before)
     result.precision, result.precision_reason = precision, reason
     return result
 
 
-def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int) -> TrainResult:
+def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int, backup: Backup | None) -> TrainResult:
     import keras
 
     from pipeline.models import build_model
@@ -354,11 +580,16 @@ def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int) -> TrainResult:
         loss, one_hot = "sparse_categorical_crossentropy", None
     network.compile(optimizer=build_optimizer(cfg.optimizer, schedule), loss=loss, metrics=["accuracy"])
 
+    snapshot = backup.latest() if backup is not None else None
+    state = snapshot.state if snapshot is not None else {"epoch": 0, "stop": False, "rows": [], "train_seconds": 0.0}
+    # a training that had stopped early (or run all its epochs) runs none: fit only ends it (restores the best)
+    first_epoch = cfg.train.epochs if state["stop"] else state["epoch"]
     augment = build_augmenter(cfg.augment, cfg.seed)
     train_ds = make_dataset(data.train_x, data.train_y, data.stats, batch, shuffle=True, seed=cfg.seed,
-                            num_classes=one_hot, augment=augment)
+                            num_classes=one_hot, augment=augment, epochs=(first_epoch, cfg.train.epochs))
     val_ds = make_dataset(data.val_x, data.val_y, data.stats, batch, shuffle=False, num_classes=one_hot)
-    recorder = epoch_callback(on_epoch)
+    recorder = epoch_callback()
+    recorder.rows = [dict(row) for row in state["rows"]]
     callbacks = [recorder, *build_callbacks(cfg.callbacks, scaled)]
     stopper = next((cb for cb in callbacks if isinstance(cb, keras.callbacks.EarlyStopping)), None)
     with tempfile.TemporaryDirectory(prefix="pipeline-checkpoint-") as scratch:
@@ -370,12 +601,29 @@ def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int) -> TrainResult:
                 save_best_only=True, save_weights_only=True,
             )
             callbacks.append(checkpoint)
+        stateful = [cb for cb in callbacks if cb is not recorder]
+        variables = network.variables  # weights and the layers' seed generators (dropout)
+        if snapshot is not None:
+            network.optimizer.build(network.trainable_variables)
+            _restore_variables(snapshot, variables + network.optimizer.variables, scaled)
+            if checkpoint is not None and (snapshot.folder / "best.weights.h5").is_file():
+                shutil.copyfile(snapshot.folder / "best.weights.h5", checkpoint.filepath)
+            log.info("train: resuming after epoch %d of %d from %s", state["epoch"], cfg.train.epochs, backup.folder)
+        if on_epoch is not None:
+            for row in recorder.rows:
+                on_epoch(row)
+        if backup is not None:
+            callbacks.append(_keras_classes().BackupState(backup, snapshot, stateful, variables, scaled, recorder))
+        if on_epoch is not None:  # after the backup: an epoch is reported once it can be resumed from
+            callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(recorder.rows[-1])))
         start = time.perf_counter()
         network.fit(
-            train_ds, validation_data=val_ds, epochs=cfg.train.epochs, callbacks=callbacks, verbose=verbose,
-            shuffle=False,  # train_ds reshuffles itself every epoch
+            train_ds, validation_data=val_ds, epochs=cfg.train.epochs, initial_epoch=first_epoch,
+            steps_per_epoch=steps_per_epoch,  # train_ds holds every remaining epoch, each in its own order
+            callbacks=callbacks, verbose=verbose,
+            shuffle=False,  # train_ds shuffles itself every epoch
         )
-        seconds = time.perf_counter() - start
+        seconds = state["train_seconds"] + time.perf_counter() - start
         restored = len(recorder.rows)
         if stopper is not None and stopper.restore_best_weights and stopper.best_weights is not None:
             restored = stopper.best_epoch + 1  # Keras restores them at the end of fit, stopped early or not
@@ -383,7 +631,19 @@ def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int) -> TrainResult:
             network.load_weights(checkpoint.filepath)
             restored = checkpoint.best_epoch
     stopped = stopper.stopped_epoch + 1 if stopper is not None and stopper.stopped_epoch else None
-    return TrainResult(network, pd.DataFrame(recorder.rows), seconds, stopped, restored)
+    return TrainResult(network, pd.DataFrame(recorder.rows), seconds, stopped, restored, int(state["epoch"]))
+
+
+def _restore_variables(snapshot: Snapshot, variables: list, scaled) -> None:
+    """Load a snapshot's variables.npz into `variables` (the network's, then the optimizer's) and the scale."""
+    values = _load_arrays(snapshot.folder / "variables.npz")
+    if len(values) != len(variables) or any(tuple(v.shape) != a.shape for v, a in zip(variables, values)):
+        raise PipelineError(f"{snapshot.folder}: its variables do not match this network; delete "
+                            f"{snapshot.folder.parent} to train from the start")
+    for variable, value in zip(variables, values):
+        variable.assign(value)
+    if scaled is not None:
+        scaled.scale.assign(snapshot.state["scale"])
 
 
 def augmentation_samples(images: np.ndarray, labels: np.ndarray, augmenter, class_names: list[str]):
@@ -445,42 +705,48 @@ def totals(result: TrainResult, n_train: int) -> dict[str, float]:
 
 
 def main(cfg: Config, data_dir, raw_dir, out_dir) -> str:
-    """The stage: train, save the raw-pixel model, log everything to one MLflow run; returns its id."""
+    """The stage: train, save the raw-pixel model, log everything to one MLflow run; returns its id.
+
+    A training killed before it ended resumes after its last completed epoch when the stage runs again
+    with the same params, data and code: its state is backed up in resume_folder(out_dir) after every
+    epoch (removed once the outputs are saved), and it continues the same MLflow run.
+    """
     import mlflow
 
     from pipeline import fetch, tracking
-    from pipeline.files import atomic_path, read_json, sha256_file, write_json
+    from pipeline.files import atomic_path, read_json, write_json
     from pipeline.models import raw_input_model
     from pipeline.preprocess import load_prepared
 
+    experiment = tracking.connect(cfg)  # an unreachable store fails here, before anything is loaded or trained
     data = load_prepared(data_dir)
     manifest = read_json(Path(raw_dir) / "manifest.json")
     digest = fetch.dataset_digest(manifest)
+    backup = Backup(resume_folder(out_dir), resume_key(cfg, data))
+    snapshot = backup.latest()
+    resumed = snapshot.state["extra"].get("run_id") if snapshot is not None else None
+    if resumed and not tracking.run_in_experiment(resumed, experiment.experiment_id):
+        resumed = None  # another store or experiment: a new run, given every epoch
+
     tags = {**tracking.git_state(), **tracking.environment_tags(), "data.digest": digest, "data.source": cfg.data.source}
-    with tracking.run_scope(cfg, tags=tags) as run_id:
+    with tracking.run_scope(cfg, run_id=resumed, tags=tags) as run_id:
+        backup.extra["run_id"] = run_id
         mlflow.set_tags(tags)  # also on a run that `mlflow run` created
-        mlflow.log_params(cfg.flat())
-        with warnings.catch_warnings():  # MLflow warns that a local path matches two equivalent source kinds
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            dataset = mlflow.data.from_numpy(
-                data.train_x, targets=data.train_y, source=str(Path(raw_dir).resolve()),
-                name=f"{cfg.data.source}-train", digest=digest,
-            )
-        mlflow.log_input(dataset, context="training")
-        for name in ("params.yaml", "dvc.lock"):
-            if Path(name).is_file():
-                mlflow.log_artifact(name, artifact_path="provenance")
-        mlflow.log_dict(manifest, "provenance/data_manifest.json")
-        if cfg.train.initial_model and Path(cfg.train.initial_model).is_file():
-            mlflow.log_param("derived.initial_model_sha256", sha256_file(cfg.train.initial_model))
-        if cfg.augment.enabled:  # its own augmenter: drawing from the training one would change its draws
-            samples = augmentation_samples(data.train_x, data.train_y, build_augmenter(cfg.augment, cfg.seed),
-                                           data.class_names)
-            mlflow.log_figure(samples, "plots/augmented_samples.png",
-                              save_kwargs={"dpi": 120, "metadata": {"Software": None}})
+        if snapshot is not None:
+            mlflow.set_tag("pipeline.resumed_after_epoch", str(snapshot.state["epoch"]))
+        if run_id == resumed:  # it has its inputs from its start; an error tag from when it was killed goes
+            tracking.clear_error(run_id)
+        else:
+            log_inputs(cfg, data, manifest, digest, raw_dir)
+        logged = tracking.last_logged_epoch(run_id)
+
+        def log_epoch(row):
+            if row["epoch"] > logged:  # a resumed run has the epochs it logged before it was killed
+                tracking.log_epoch(run_id, row["epoch"], row)
+
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()
-            result = train_model(cfg, data, on_epoch=lambda row: tracking.log_epoch(run_id, row["epoch"], row))
+            result = train_model(cfg, data, on_epoch=log_epoch, backup=backup)
             model = raw_input_model(result.network, data.stats)
             model.save(tmp / "model.keras")
             result.history.to_csv(tmp / "history.csv", index=False)
@@ -508,7 +774,35 @@ def main(cfg: Config, data_dir, raw_dir, out_dir) -> str:
                 log_model(model, fetch.load_raw(raw_dir).train_x[:2])
             write_json(tmp / "run.json", {"run_id": run_id, "tracking_uri": cfg.tracking_uri(),
                                           "experiment_name": cfg.mlflow.experiment_name})
+        backup.clear()  # the outputs are in place: nothing left to resume
     return run_id
+
+
+def log_inputs(cfg: Config, data: Prepared, manifest: dict, digest: str, raw_dir) -> None:
+    """What a run records before training: params, the dataset, provenance files, augmentation samples."""
+    import mlflow
+
+    from pipeline.files import sha256_file
+
+    mlflow.log_params(cfg.flat())
+    with warnings.catch_warnings():  # MLflow warns that a local path matches two equivalent source kinds
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        dataset = mlflow.data.from_numpy(
+            data.train_x, targets=data.train_y, source=str(Path(raw_dir).resolve()),
+            name=f"{cfg.data.source}-train", digest=digest,
+        )
+    mlflow.log_input(dataset, context="training")
+    for name in ("params.yaml", "dvc.lock"):
+        if Path(name).is_file():
+            mlflow.log_artifact(name, artifact_path="provenance")
+    mlflow.log_dict(manifest, "provenance/data_manifest.json")
+    if cfg.train.initial_model and Path(cfg.train.initial_model).is_file():
+        mlflow.log_param("derived.initial_model_sha256", sha256_file(cfg.train.initial_model))
+    if cfg.augment.enabled:  # its own augmenter: drawing from the training one would change its draws
+        samples = augmentation_samples(data.train_x, data.train_y, build_augmenter(cfg.augment, cfg.seed),
+                                       data.class_names)
+        mlflow.log_figure(samples, "plots/augmented_samples.png",
+                          save_kwargs={"dpi": 120, "metadata": {"Software": None}})
 
 
 def log_model(model, example: np.ndarray) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import time
 
+import pandas as pd
 import pytest
 
 from tests.conftest import BIN, client, run, set_params
@@ -96,3 +99,98 @@ def test_crash_ends_the_run_failed_and_ctrl_c_ends_it_killed(project):
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert store.get_run(running[0].info.run_id).info.status == "KILLED"
     assert not (project / "data" / "train").exists()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:  # a port the system just handed out, now closed: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_tracking_server_fails_before_training_in_one_line(project):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    start = time.monotonic()
+    done = run(["pipeline", "train"], project, check=False, env={"MLFLOW_TRACKING_URI": uri})
+    seconds = time.monotonic() - start
+    assert_one_line_error(done, f"MLflow tracking store '{uri}' cannot be reached (", "Connection refused")
+    assert seconds < 30, f"took {seconds:.0f} s"  # MLflow's default retries take minutes
+    assert not (project / "data" / "train").exists() and not (project / "data" / ".train.resume").exists()
+
+
+def test_runs_left_running_by_ended_processes_are_marked_failed(project, monkeypatch):
+    from pipeline import tracking
+    from pipeline.config import load_config
+
+    monkeypatch.chdir(project)
+    cfg = load_config(project / "params.yaml")
+    store = client(project)
+    experiment = tracking.connect(cfg).experiment_id
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    owner = {"pipeline.host": socket.gethostname()}
+    abandoned = store.create_run(experiment, tags={**owner, "pipeline.pid": str(ended.pid)}).info.run_id
+    alive = store.create_run(experiment, tags={**owner, "pipeline.pid": str(os.getppid())}).info.run_id
+    elsewhere = store.create_run(experiment, tags={"pipeline.host": "another-host", "pipeline.pid": str(ended.pid)})
+    resuming = store.create_run(experiment, tags={**owner, "pipeline.pid": str(ended.pid)}).info.run_id
+    with tracking.run_scope(cfg, run_id=resuming) as run_id:
+        assert run_id == resuming
+        assert store.get_run(run_id).data.tags["pipeline.pid"] == str(os.getpid())
+    assert store.get_run(resuming).info.status == "FINISHED"
+    failed = store.get_run(abandoned)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["error"] == (f"process {ended.pid} on {socket.gethostname()} ended without closing "
+                                         "the run (killed, or its machine stopped)")
+    assert store.get_run(alive).info.status == "RUNNING"
+    assert store.get_run(elsewhere.info.run_id).info.status == "RUNNING"
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_under_dvc_and_ends_as_if_never_interrupted(project):
+    import keras
+
+    set_params(project, {"train": {"epochs": 8, "batch_size": 16}, "augment": {"rotation_degrees": 10},
+                         "callbacks": {"reduce_lr": {"enabled": True, "patience": 1}}})
+    run(["git", "commit", "-qam", "params"], project)
+    run(["dvc", "repro", "preprocess"], project)
+    run(["pipeline", "train", "--out", "data/reference"], project)
+
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    # a session of its own: SIGKILL to dvc and the training under it, as when the machine's job is killed
+    proc = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    backup = project / "data" / ".train.resume"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list(backup.glob("epoch-*/state.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the training ended before it could be killed"
+    (snapshot,) = backup.glob("epoch-*")
+    killed_after = int(snapshot.name.split("-")[1])
+    assert 1 <= killed_after < 8 and not (project / "data" / "train").exists()
+    store = client(project)
+    experiment = store.get_experiment_by_name("tests").experiment_id
+    (killed,) = store.search_runs([experiment], filter_string="attributes.status = 'RUNNING'")
+
+    start = time.monotonic()
+    done = run(["dvc", "repro", "train"], project)
+    print(f"resumed after epoch {killed_after} in {time.monotonic() - start:.1f} s")  # shown with -s
+    assert f"resuming after epoch {killed_after} of 8" in done.stdout + done.stderr
+    assert not backup.exists()
+    assert (project / "data" / "train" / "run.json").read_text().count(killed.info.run_id) == 1
+    resumed = store.get_run(killed.info.run_id)
+    assert resumed.info.status == "FINISHED" and "error" not in resumed.data.tags
+
+    history = pd.read_csv(project / "data" / "train" / "history.csv").drop(columns="epoch_seconds")
+    reference = pd.read_csv(project / "data" / "reference" / "history.csv").drop(columns="epoch_seconds")
+    assert len(history) == 8 and history.equals(reference)
+    reference_run = pd.read_json(project / "data" / "reference" / "run.json", typ="series")["run_id"]
+    for key in ("loss", "val_accuracy", "learning_rate"):
+        logged = store.get_metric_history(killed.info.run_id, key)
+        assert sorted(m.step for m in logged) == list(range(1, 9))  # every epoch once, none twice
+        assert ({m.step: m.value for m in logged}
+                == {m.step: m.value for m in store.get_metric_history(reference_run, key)})
+    weights, reference_weights = (keras.models.load_model(project / "data" / name / "model.keras").get_weights()
+                                  for name in ("train", "reference"))
+    assert all((a == b).all() for a, b in zip(weights, reference_weights))

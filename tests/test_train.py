@@ -22,6 +22,7 @@ from pipeline.fetch import RawDataset
 from pipeline.models import raw_input_model
 from pipeline.preprocess import preprocess
 from pipeline.train import (
+    Backup,
     augmentation_samples,
     build_augmenter,
     build_callbacks,
@@ -309,6 +310,85 @@ def test_same_params_train_bitwise_identical(data):
     other = train_model(config("train.epochs=2", "model.dense_dropout=0.5", "augment.flip=horizontal",
                                "augment.rotation_degrees=10", "seed=7"), data, verbose=0)
     assert not np.array_equal(other.network.get_weights()[0], first.network.get_weights()[0])
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def test_each_epochs_batches_depend_on_the_epoch_not_on_where_training_started(data):
+    """Shuffling and augmentation draw from (seed, epoch, batch): a resumed training sees the same batches."""
+    def batches(epochs):
+        augmenter = build_augmenter(config(*AUGMENT).augment, seed=7)
+        ds = make_dataset(data.train_x, data.train_y, data.stats, 16, shuffle=True, seed=1, augment=augmenter,
+                          epochs=epochs)
+        return [(images.numpy(), labels.numpy()) for images, labels in ds]
+
+    per_epoch = math.ceil(len(data.train_x) / 16)
+    both, second = batches((0, 2)), batches((1, 2))
+    assert len(both) == 2 * per_epoch and len(second) == per_epoch
+    for (images, labels), (images_again, labels_again) in zip(both[per_epoch:], second):
+        assert np.array_equal(images, images_again) and np.array_equal(labels, labels_again)
+    assert not np.array_equal(both[0][1], both[per_epoch][1])  # each epoch has its own order
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after(epoch: int):
+    def on_epoch(row):
+        if row["epoch"] == epoch:
+            raise Interrupt
+    return on_epoch
+
+
+RESUMES = {
+    # min_delta 100: only epoch 1 improves, so the rate halves after every later epoch and early stopping
+    # fires after epoch 4 (patience 3): both depend on counters and bests kept across the interruption
+    "early stopping, plateau, dropout, augmentation": (
+        ["train.epochs=5", "model.dense_dropout=0.5", "augment.flip=horizontal", "augment.rotation_degrees=10",
+         "callbacks.early_stopping.enabled=true", "callbacks.early_stopping.patience=3",
+         "callbacks.early_stopping.min_delta=100", "callbacks.reduce_lr.enabled=true",
+         "callbacks.reduce_lr.patience=0", "callbacks.reduce_lr.min_delta=100"], 4),
+    "checkpoint, plateau-scaled cosine schedule": (
+        ["train.epochs=4", "optimizer.schedule.name=cosine", "callbacks.reduce_lr.enabled=true",
+         "callbacks.reduce_lr.patience=0", "callbacks.reduce_lr.min_delta=100",
+         "callbacks.checkpoint.enabled=true", "callbacks.checkpoint.monitor=val_accuracy"], None),
+}
+
+
+@pytest.mark.parametrize("name", list(RESUMES))
+def test_interrupted_training_resumes_to_the_uninterrupted_result_bitwise(data, tmp_path, name):
+    overrides, stopped = RESUMES[name]
+    cfg = config(*overrides)
+    whole = train_model(cfg, data, verbose=0)
+    assert whole.stopped_epoch == stopped
+    backup = Backup(tmp_path / "backup", key="this training")
+    with pytest.raises(Interrupt):
+        train_model(cfg, data, on_epoch=interrupt_after(2), verbose=0, backup=backup)
+    assert backup.latest().state["epoch"] == 2
+    reported = []
+    resumed = train_model(cfg, data, on_epoch=reported.append, verbose=0, backup=backup)
+    assert resumed.resumed_epoch == 2
+    assert [row["epoch"] for row in reported] == whole.history["epoch"].tolist()  # restored rows again, then new
+    columns = [column for column in whole.history.columns if column != "epoch_seconds"]
+    assert resumed.history[columns].equals(whole.history[columns])
+    assert (resumed.stopped_epoch, resumed.restored_epoch) == (whole.stopped_epoch, whole.restored_epoch)
+    for a, b in zip(whole.network.get_weights(), resumed.network.get_weights()):
+        assert np.array_equal(a, b)
+    # a training that had ended (all epochs run, or stopped) resumes to its end without another epoch
+    again = train_model(cfg, data, on_epoch=interrupt_after(len(whole.history) + 1), verbose=0, backup=backup)
+    assert again.history[columns].equals(whole.history[columns])
+    for a, b in zip(whole.network.get_weights(), again.network.get_weights()):
+        assert np.array_equal(a, b)
+
+
+def test_a_backup_of_another_training_is_discarded(data, tmp_path):
+    cfg = config("train.epochs=1")
+    train_model(cfg, data, verbose=0, backup=Backup(tmp_path / "backup", key="one"))
+    assert Backup(tmp_path / "backup", key="one").latest().state["epoch"] == 1
+    assert Backup(tmp_path / "backup", key="other").latest() is None
+    assert not (tmp_path / "backup").exists()
 
 
 # --------------------------------------------------------------------------- precision
