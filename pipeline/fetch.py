@@ -35,9 +35,12 @@ import tarfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas (1.5 s to import) only for CSV sources: the fetch stage reruns on every `dvc repro`
+    import pandas as pd
 
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
@@ -557,6 +560,8 @@ def _read_header(path: Path) -> list[str]:
 
 
 def _parse_csv(path: Path, text_columns: list[str], usecols: list[str] | None = None) -> pd.DataFrame:
+    import pandas as pd
+
     # blank lines become rows of empty cells, so row i stays on line i + 1 + HEADER_LINES
     options = dict(dtype={c: str for c in text_columns}, usecols=usecols, keep_default_na=False,
                    na_values=[""], skip_blank_lines=False)
@@ -602,6 +607,8 @@ def _check_same_pixels(
 
 def _pixels(frame: pd.DataFrame, columns: list[str], path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """(N, H, W, C) uint8 from the pixel columns; any cell not an integer 0..255 is an error."""
+    import pandas as pd
+
     block = frame[columns]
     odd = [c for c in columns if not pd.api.types.is_integer_dtype(block[c].dtype)]
     text = None
@@ -623,6 +630,8 @@ def _pixels(frame: pd.DataFrame, columns: list[str], path: Path, shape: tuple[in
 
 
 def _pixel_problem(raw, value: float) -> str:
+    import pandas as pd
+
     if pd.isna(raw):
         return "empty cell"
     if np.isnan(value):
@@ -643,6 +652,8 @@ def _text_cells(column: pd.Series, path: Path, what: str) -> np.ndarray:
 
 
 def _is_integer_text(text: np.ndarray) -> bool:
+    import pandas as pd
+
     return bool(pd.Series(text).str.fullmatch(INTEGER_PATTERN).all())
 
 
@@ -656,6 +667,8 @@ def _encode_labels(column: pd.Series, path: Path) -> tuple[list[str], np.ndarray
 
 def _ids(column: pd.Series, path: Path) -> np.ndarray:
     """Ids as int64 when all are integers, else str; empty or repeated ids are errors."""
+    import pandas as pd
+
     text = _text_cells(column, path, "id")
     ids = text.astype(np.int64) if _is_integer_text(text) else text
     repeated = pd.Series(ids).duplicated().to_numpy()
