@@ -159,6 +159,32 @@ def run(ctx: click.Context, out: str, more: str, **options: str) -> None:
     click.echo(f"run: MLflow run {run_id} -> {Path(out) / run_id}")
 
 
+@cli.command()
+@click.option("--quick", is_flag=True, help="Tiny sizes (digits, a tiny CNN): checks that every figure runs, in about a minute.")
+@click.option("--main-job/--no-main-job", default=True,
+              help="Also run `dvc repro` in a fresh copy of the project (time to accuracy, peak memory, "
+                   "nothing-changed repro, predict).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training-figure epochs (default 5; quick 2).")
+@click.option("--train-images", type=click.IntRange(min=1), default=None,
+              help="Train on the first N images of the training split (default all; quick 256).")
+@click.option("--out", default="reports/bench", type=click.Path(file_okay=False), help="Where bench.json and bench.md go.")
+@click.pass_context
+def bench(ctx: click.Context, quick: bool, main_job: bool, epochs: int | None, train_images: int | None, out: str) -> None:
+    """Measure each speed figure against its baseline in one run on this machine; print and save the table.
+
+    Baselines: Keras model.fit on float32 NumPy arrays (training), the same training untracked (tracking),
+    a per-image PIL loop (preprocess), model.predict on a float32 array (predict), `dvc --version`
+    (a nothing-changed repro). Takes about an hour on 2 cores in full; use --epochs/--train-images to shorten.
+    """
+    from pipeline import bench as stage
+
+    report = stage.run_bench(ctx.obj["params"], quick=quick, main_job=main_job, epochs=epochs,
+                             train_images=train_images, echo=lambda line: click.echo(line, err=True))
+    json_path, md_path = stage.write_report(report, out)
+    click.echo(stage.markdown(report))
+    click.echo(f"bench: -> {json_path}, {md_path}")
+
+
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of stage logs
     try:

@@ -1,0 +1,33 @@
+"""`pipeline bench --quick`: every figure runs on tiny sizes and lands in the report (no time is asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import BIN, run
+
+
+@pytest.mark.slow
+def test_quick_bench_measures_every_figure_against_its_baseline(project):
+    out = project / "reports/bench"
+    done = run([str(BIN / "pipeline"), "bench", "--quick", "--out", str(out)], project, timeout=900)
+    report = json.loads((out / "bench-quick.json").read_text())
+    names = [f["figure"] for f in report["figures"]]
+    for expected in ("training cnn: whole fit", "training cnn: steady-state", "training cnn: test accuracy",
+                     "tracking:", "preprocess", "main job: dvc repro", "main job: peak resident memory",
+                     "dvc repro, nothing changed", "predict"):
+        assert any(name.startswith(expected) for name in names), (expected, names)
+    for figure in report["figures"]:
+        assert figure["ours"] > 0 and figure["baseline"] > 0 and math.isfinite(figure["ratio"]), figure
+        assert figure["met"] is None  # --quick judges no target
+        assert figure["baseline_name"] and figure["target"]
+    machine = report["machine"]
+    assert machine["mode"] == "quick" and machine["cpu.model"] and machine["precision"] in (
+        "float32", "mixed_bfloat16", "mixed_float16")
+    table = (out / "bench-quick.md").read_text()
+    assert table.count("\n| ") == len(names) + 1  # header + one row per figure
+    assert "| figure | ours | baseline | ratio |" in done.stdout  # printed too
+    assert not (project / "data/train").exists()  # the main job ran in a copy, not in the user's checkout
