@@ -1,4 +1,4 @@
-"""The command line: one command per stage (dvc.yaml calls these), and `run` for `mlflow run`.
+"""The command line: one command per stage (dvc.yaml calls these), `run` for `mlflow run`, and `reproduce`.
 
 Entry points are thin: parse arguments, load the config once, call the stage.
 Known errors (bad params, bad files, unreachable store) end in one line on
@@ -17,6 +17,7 @@ import click
 
 from pipeline.config import DEFAULT_PARAMS, Config, load_config
 from pipeline.errors import PipelineError
+from pipeline.reproduce import DEFAULT_TOLERANCE
 
 RUN_OPTIONS = {  # `pipeline run` / MLproject -P names -> params.yaml keys
     "model": "model.name",
@@ -157,6 +158,32 @@ def run(ctx: click.Context, out: str, more: str, **options: str) -> None:
     base = load_config(ctx.obj["params"])
     run_id = workflow.run_all(cfg, base, out)
     click.echo(f"run: MLflow run {run_id} -> {Path(out) / run_id}")
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--allow-dirty", is_flag=True,
+              help="Rerun a run made from a dirty working tree from its commit, without its uncommitted changes.")
+@click.option("--tolerance", default=DEFAULT_TOLERANCE, type=float,
+              help="Largest absolute difference of any compared metric that counts as within tolerance.")
+@click.pass_context
+def reproduce(ctx: click.Context, run_id: str, allow_dirty: bool, tolerance: float) -> None:
+    """Rerun RUN_ID from its git commit, data and config; compare the two runs' metrics.
+
+    The run comes from the tracking store (MLFLOW_TRACKING_URI, else mlflow.tracking_uri); its commit is
+    checked out into a temporary git worktree, its data pulled from the commit's DVC remote or refetched
+    (the digest must equal the run's data.digest), and the commit's own preprocess, train and evaluate
+    stages rerun with the run's config into a new run tagged `reproduces`. Prints both runs' metrics per
+    epoch side by side. Exit status: 0 identical (bitwise), 3 within --tolerance, 4 different, 1 an error.
+    """
+    from pipeline import reproduce as stage
+
+    cfg = _config(ctx)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stderr to our progress lines
+    result = stage.reproduce(run_id, cfg.tracking_uri(), Path.cwd(), allow_dirty=allow_dirty, tolerance=tolerance,
+                             echo=lambda line: click.echo(line, err=True))
+    click.echo(stage.format_comparison(result))
+    sys.exit(result.exit_code)
 
 
 def main() -> None:
