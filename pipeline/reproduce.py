@@ -73,7 +73,7 @@ def absolute_uri(uri: str, base: Path) -> str:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
     if uri.startswith("file:") or "://" not in uri:
-        from mlflow.utils.uri import local_file_uri_to_path
+        from mlflow.utils.file_utils import local_file_uri_to_path
 
         path = Path(local_file_uri_to_path(uri) if uri.startswith("file:") else uri)
         return (base / path).resolve().as_uri()

@@ -1,0 +1,136 @@
+"""`pipeline reproduce RUN_ID`: the verdict logic, bad input in one line, and real reruns against real stores."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.errors import PipelineError
+from pipeline.reproduce import absolute_uri, judge, param_value, reproduce
+from tests.conftest import BIN, make_project, run
+
+
+# --- plain functions -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows, verdict", [
+    ([("1", "loss", 0.5, 0.5), ("final", "test_accuracy", 0.9, 0.9)], "identical"),
+    ([("1", "loss", math.nan, math.nan)], "identical"),
+    ([("1", "loss", 0.5, 0.5 + 1e-9), ("2", "loss", 0.4, 0.405)], "within tolerance"),
+    ([("1", "loss", 0.5, 0.52)], "different"),
+    ([("1", "loss", 0.5, math.nan)], "different"),
+    ([("1", "loss", 0.5, 0.5), ("2", "loss", 0.4, None)], "different"),  # the rerun stopped an epoch early
+    ([], "different"),
+])
+def test_verdict(rows, verdict):
+    assert judge(rows, tolerance=0.01)[0] == verdict
+
+
+def test_verdict_names_the_largest_difference_and_the_tolerance():
+    verdict, reason = judge([("1", "loss", 0.5, 0.501), ("2", "val_loss", 0.4, 0.403)], tolerance=0.01)
+    assert verdict == "within tolerance"
+    assert reason == "largest difference 0.003 (val_loss at epoch 2); tolerance 0.01"
+
+
+def test_relative_store_uris_are_made_absolute_for_the_worktree(tmp_path):
+    assert absolute_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert absolute_uri(f"sqlite:///{tmp_path}/a.db", Path("/elsewhere")) == f"sqlite:///{tmp_path}/a.db"
+    assert absolute_uri("mlruns", tmp_path) == (tmp_path / "mlruns").as_uri()
+    assert absolute_uri("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize("text, value", [("0.005", 0.005), ("True", True), ("None", None), ("[[8], [16]]", [[8], [16]]),
+                                         ("adam", "adam"), ("~/.cache/x", "~/.cache/x")])
+def test_logged_params_back_to_values(text, value):
+    assert param_value(text) == value
+
+
+# --- bad input: one line, exit 1, nothing left behind ----------------------------------------------------------
+
+
+def reproduce_cli(repo: Path, run_id: str, uri: str, *args: str, tmp: Path | None = None):
+    env = {"MLFLOW_TRACKING_URI": uri}
+    if tmp is not None:  # the rerun's temporary folder and worktree go here, so a test can see that none is left
+        tmp.mkdir(exist_ok=True)
+        env["TMPDIR"] = str(tmp)
+    return run(["pipeline", "reproduce", run_id, *args], repo, check=False, env=env)
+
+
+CLEAN = {"git.dirty": "false", "data.digest": "0123456789abcdef"}  # digits' real digest is another
+BAD_RUNS = {  # case -> the run's tags ("HEAD": the project's commit)
+    "no commit tag": CLEAN,
+    "commit not here": {**CLEAN, "mlflow.source.git.commit": "1" * 40},
+    "dirty run": {**CLEAN, "git.dirty": "true", "mlflow.source.git.commit": "HEAD"},
+    "digest mismatch": {**CLEAN, "mlflow.source.git.commit": "HEAD"},
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """A project whose sqlite store holds one finished run per bad case, logged as train.main logs them."""
+    from pipeline.config import load_config
+
+    repo = make_project(tmp_path_factory.mktemp("bad") / "repo")
+    uri = f"sqlite:///{repo / 'mlflow.db'}"
+    store = MlflowClient(tracking_uri=uri)
+    experiment_id = store.create_experiment("tests")
+    commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    config = load_config(repo / "params.yaml").model_dump(mode="json")
+    ids = {}
+    for case, tags in BAD_RUNS.items():
+        tags = {k: commit if v == "HEAD" else v for k, v in tags.items()}
+        ids[case] = store.create_run(experiment_id, tags=tags).info.run_id
+        store.log_dict(ids[case], config, "provenance/config.json")
+        store.set_terminated(ids[case])
+    ids["unknown run"] = "f00d" * 8
+    return repo, uri, store, experiment_id, ids
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("unknown run", "run 'f00df00df00df00df00df00df00df00d' not found in the tracking store sqlite:///"),
+    ("no commit tag", "has no git commit (tag mlflow.source.git.commit): it was not made from a git checkout"),
+    ("commit not here", "commit 1111111111111111111111111111111111111111 of run"),
+    ("dirty run", "was made from a dirty working tree (git.dirty=true) at commit"),
+    ("digest mismatch", "data digest mismatch: run"),
+])
+def test_bad_input_is_one_error_and_leaves_nothing_behind(bad_runs, tmp_path, monkeypatch, case, expected):
+    repo, uri, store, experiment_id, ids = bad_runs
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the rerun's folder and worktree would go
+    runs_before = len(store.search_runs([experiment_id]))
+    with pytest.raises(PipelineError, match=re.escape(expected)):
+        reproduce(ids[case], uri, repo, echo=lambda line: None)
+    assert len(store.search_runs([experiment_id])) == runs_before  # no new run
+    assert list(tmp_path.iterdir()) == []  # no temporary folder or worktree left
+    assert len(run(["git", "worktree", "list"], repo).stdout.splitlines()) == 1
+    assert run(["git", "status", "--porcelain"], repo).stdout == ""  # the user's checkout untouched
+
+
+def test_cli_says_a_dirty_run_in_one_line_exit_1_and_allow_dirty_goes_on(bad_runs, tmp_path):
+    repo, uri, store, experiment_id, ids = bad_runs
+    done = reproduce_cli(repo, ids["dirty run"], uri)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"error: run {ids['dirty run']} was made from a dirty working tree (git.dirty=true) at commit "
+        f"{head(repo)[:12]}: its uncommitted changes are in no commit; --allow-dirty reruns the commit without them"]
+    # --allow-dirty warns and goes on, as far as the data: this run's recorded digest is not digits'
+    done = reproduce_cli(repo, ids["dirty run"], uri, "--allow-dirty", tmp=tmp_path / "tmp")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[0].startswith(f"warning: run {ids['dirty run']} was made from a dirty working tree")
+    assert done.stderr.strip().splitlines()[-1].startswith("error: data digest mismatch")
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def head(repo: Path) -> str:
+    return run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
