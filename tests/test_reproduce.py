@@ -134,3 +134,109 @@ def test_cli_says_a_dirty_run_in_one_line_exit_1_and_allow_dirty_goes_on(bad_run
 
 def head(repo: Path) -> str:
     return run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+
+
+# --- real reruns: an MLflow server over HTTP, a fresh clone with the DVC remote ----------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path, backend_store_uri: str):
+    """A real `mlflow server` on 127.0.0.1 that stores artifacts itself (clients upload over HTTP); its URL."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = folder / "server.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_store_uri, "--serve-artifacts",
+             "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: its workers end with it
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise AssertionError(f"mlflow server exited {server.returncode}:\n{log_path.read_text()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"mlflow server did not answer {url}/health in 120 s:\n{log_path.read_text()}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def assert_reproduced_identically(store: MlflowClient, original_id: str, done) -> None:
+    assert done.returncode == 0, done.stderr
+    assert "verdict: identical (every metric is bitwise equal)" in done.stdout
+    [new] = store.search_runs([store.get_run(original_id).info.experiment_id],
+                              filter_string=f"tags.reproduces = '{original_id}'")
+    original = store.get_run(original_id)
+    assert new.info.status == "FINISHED" and new.data.tags["reproduce.verdict"] == "identical"
+    assert new.data.tags["mlflow.source.git.commit"] == original.data.tags["mlflow.source.git.commit"]
+    assert new.data.tags["git.dirty"] == "false" and new.data.tags["data.digest"] == original.data.tags["data.digest"]
+    for key in ("loss", "val_accuracy"):
+        history = [(m.step, m.value) for m in store.get_metric_history(original_id, key)]
+        assert [(m.step, m.value) for m in store.get_metric_history(new.info.run_id, key)] == history
+        assert f"3      {key:<20} {history[-1][1]!r:<22} {history[-1][1]!r:<22} 0" in done.stdout
+    assert new.data.metrics["test_accuracy"] == original.data.metrics["test_accuracy"]
+
+
+def assert_checkout_untouched(repo: Path) -> None:
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], repo).stdout == ""
+    assert len(run(["git", "worktree", "list"], repo).stdout.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_run_and_reproduce_against_an_mlflow_server_over_http(project, tmp_path):
+    server = tmp_path / "server"
+    with mlflow_server(server, f"sqlite:///{server / 'mlflow.db'}") as url:
+        run(["pipeline", "run"], project, env={"MLFLOW_TRACKING_URI": url})
+        store = MlflowClient(tracking_uri=url)
+        [original] = store.search_runs([store.get_experiment_by_name("tests").experiment_id])
+
+        done = reproduce_cli(project, original.info.run_id, url, tmp=tmp_path / "tmp")
+
+        assert_reproduced_identically(store, original.info.run_id, done)
+        assert "refetching from the recorded source" in done.stderr  # no DVC remote in this project
+    # both runs' artifacts went over HTTP into the server's artifact root
+    assert len(list((server / "artifacts").rglob("provenance/config.json"))) == 2
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert_checkout_untouched(project)
+
+
+@pytest.mark.slow
+def test_a_teammates_run_reproduces_from_a_fresh_clone_with_the_data_from_the_dvc_remote(project, tmp_path):
+    run(["dvc", "remote", "add", "-d", "storage", str(tmp_path / "dvc-storage")], project)
+    run(["git", "commit", "-qam", "DVC remote"], project)
+    uri = f"sqlite:///{project / 'mlflow.db'}"  # the team's store; a server's URL works the same (test above)
+    run(["dvc", "repro"], project, env={"MLFLOW_TRACKING_URI": uri})
+    run(["dvc", "push"], project)
+    store = MlflowClient(tracking_uri=uri)
+    [original] = store.search_runs([store.get_experiment_by_name("tests").experiment_id])
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+
+    done = reproduce_cli(clone, original.info.run_id, uri, tmp=tmp_path / "tmp")
+
+    assert_reproduced_identically(store, original.info.run_id, done)
+    assert f"data {original.data.tags['data.digest']} pulled from the DVC remote" in done.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert_checkout_untouched(clone)
+    assert not (clone / "data" / "raw").exists()  # the data went to the worktree, not the clone
