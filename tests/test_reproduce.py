@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pwd
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -203,10 +205,60 @@ def assert_checkout_untouched(repo: Path) -> None:
     assert len(run(["git", "worktree", "list"], repo).stdout.splitlines()) == 1
 
 
+def postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's initdb, pg_ctl and postgres: Debian's newest, else the ones on PATH."""
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    on_path = [Path(found).parent for found in [shutil.which("initdb")] if found]
+    for folder in [*reversed(debian), *on_path]:
+        if all((folder / name).is_file() for name in ("initdb", "pg_ctl", "postgres", "createdb")):
+            return folder
+    return None
+
+
+@contextlib.contextmanager
+def postgres_database():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 with an empty database `mlflow`; its SQLAlchemy URI."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL's initdb, pg_ctl and postgres are not installed (Debian: apt-get install postgresql)")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root: run it as the account Debian's package created
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` account to run PostgreSQL as")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    folder = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))  # not in tmp_path: pytest's folders are root's alone
+    if as_user:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", free_port()
+
+    def pg(*args):
+        done = subprocess.run([*as_user, *map(str, args)], capture_output=True, text=True, timeout=120)
+        log = folder / "log"
+        assert done.returncode == 0, f"{args}: {done.stderr}{log.read_text() if log.exists() else ''}"
+
+    try:
+        pg(bindir / "initdb", "-D", data, "-U", "mlflow", "--auth=trust", "-E", "UTF8")
+        pg(bindir / "pg_ctl", "-D", data, "-l", folder / "log", "-w", "start",
+           "-o", f"-k {folder} -p {port} -c listen_addresses=127.0.0.1")
+        try:
+            pg(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "mlflow", "mlflow")
+            yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+        finally:
+            pg(bindir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_run_and_reproduce_against_an_mlflow_server_over_http(project, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_run_and_reproduce_against_an_mlflow_server_over_http(project, tmp_path, backend):
     server = tmp_path / "server"
-    with mlflow_server(server, f"sqlite:///{server / 'mlflow.db'}") as url:
+    with contextlib.ExitStack() as stack:
+        backend_store_uri = (f"sqlite:///{server / 'mlflow.db'}" if backend == "sqlite"
+                             else stack.enter_context(postgres_database()))
+        url = stack.enter_context(mlflow_server(server, backend_store_uri))
         run(["pipeline", "run"], project, env={"MLFLOW_TRACKING_URI": url})
         store = MlflowClient(tracking_uri=url)
         [original] = store.search_runs([store.get_experiment_by_name("tests").experiment_id])
