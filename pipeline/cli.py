@@ -47,7 +47,8 @@ def cli(ctx: click.Context, params_path: str, overrides: tuple[str, ...], verbos
     """Reproducible image-classification experiments with Keras, DVC and MLflow.
 
     `dvc repro` runs fetch -> preprocess -> train -> evaluate -> predict as declared
-    in dvc.yaml; `mlflow run .` runs them through `pipeline run`.
+    in dvc.yaml; `mlflow run .` runs them through `pipeline run`; `pipeline reproduce RUN_ID`
+    reruns a logged run from its commit, data and config and compares the two.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow.store", "urllib3", "matplotlib", "h5py", "absl"):
