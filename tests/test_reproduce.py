@@ -20,8 +20,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
-from pipeline.reproduce import absolute_uri, judge, param_value, reproduce
-from tests.conftest import BIN, make_project, run
+from pipeline.reproduce import absolute_uri, compare, config_of, format_comparison, judge, param_value, reproduce
+from tests.conftest import BIN, ROOT, make_project, run
 
 
 # --- plain functions -------------------------------------------------------------------------------------------
@@ -57,6 +57,50 @@ def test_relative_store_uris_are_made_absolute_for_the_worktree(tmp_path):
                                          ("adam", "adam"), ("~/.cache/x", "~/.cache/x")])
 def test_logged_params_back_to_values(text, value):
     assert param_value(text) == value
+
+
+def test_comparison_of_two_logged_runs_names_what_differs_between_them(tmp_path):
+    from mlflow.entities import Metric
+
+    store = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = store.create_experiment("tests")
+    ids = []
+    for device, numpy, drift in [("cpu:A", "2.1.0", 0.0), ("cpu:B", "2.2.0", 0.004)]:
+        run_id = store.create_run(experiment_id, tags={"device": device, "versions.numpy": numpy,
+                                                       "versions.keras": "3.15.0"}).info.run_id
+        store.log_batch(run_id, metrics=[Metric(key, value + drift, 0, step) for step in (1, 2)
+                                         for key, value in [("loss", 1.0 / step), ("val_accuracy", 0.5 * step)]])
+        store.log_metric(run_id, "test_accuracy", 0.9)
+        ids.append(run_id)
+
+    comparison = compare(store, *ids, tolerance=0.01)
+
+    assert comparison.verdict == "within tolerance" and comparison.exit_code == 3
+    assert [row[:2] for row in comparison.rows] == [("1", "loss"), ("1", "val_accuracy"), ("2", "loss"),
+                                                    ("2", "val_accuracy"), ("final", "test_accuracy")]
+    assert comparison.environment == ["device: cpu:A != cpu:B", "versions.numpy: 2.1.0 != 2.2.0"]
+    text = format_comparison(comparison)
+    assert "verdict: within tolerance (largest difference 0.004 (loss at epoch 1); tolerance 0.01)" in text
+    assert "the runs differ in: device: cpu:A != cpu:B; versions.numpy: 2.1.0 != 2.2.0" in text
+    assert compare(store, *ids, tolerance=0.001).exit_code == 4
+    assert compare(store, ids[0], ids[0], tolerance=0.0).exit_code == 0
+
+
+def test_a_run_without_config_json_is_rebuilt_from_its_logged_params(tmp_path):
+    from pipeline.config import load_config, validate
+
+    cfg = load_config(ROOT / "params.yaml", ["model.name=resnet", "optimizer.name=sgd", "optimizer.momentum=0.9",
+                                             "train.epochs=2", "callbacks.reduce_lr.min_lr=1e-5"])
+    store = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = store.create_run(store.create_experiment("tests")).info.run_id
+    for key, value in cfg.flat().items():  # as train.main logs them, derived facts included
+        store.log_param(run_id, key, value)
+    store.log_param(run_id, "derived.num_classes", 10)
+
+    tree, source = config_of(store, run_id, tmp_path / "artifacts")
+
+    assert source == "the logged params"
+    assert validate(tree) == cfg
 
 
 # --- bad input: one line, exit 1, nothing left behind ----------------------------------------------------------
@@ -207,7 +251,8 @@ def assert_checkout_untouched(repo: Path) -> None:
 
 def postgres_bin() -> Path | None:
     """The folder of PostgreSQL's initdb, pg_ctl and postgres: Debian's newest, else the ones on PATH."""
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"),
+                    key=lambda folder: int(folder.parent.name) if folder.parent.name.isdigit() else 0)
     on_path = [Path(found).parent for found in [shutil.which("initdb")] if found]
     for folder in [*reversed(debian), *on_path]:
         if all((folder / name).is_file() for name in ("initdb", "pg_ctl", "postgres", "createdb")):
