@@ -217,8 +217,10 @@ class Rerun:
         """data/raw as the run's dvc.lock records it, from the commit's DVC remote; None (with why) if not."""
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
         outs = [out.get("path") for out in stages.get("fetch", {}).get("outs", [])]
-        if RAW not in outs or not (self.src / "dvc.yaml").is_file():
-            return "the run's dvc.lock does not track data/raw"
+        if RAW not in outs:
+            return f"the run's dvc.lock does not track {RAW}"
+        if not (self.src / "dvc.yaml").is_file():
+            return "the run's commit has no dvc.yaml"
         shutil.copyfile(lock, self.src / "dvc.lock")  # git_state leaves dvc.lock out of the dirty check
         done = self.call(["-m", "dvc", "pull", "--quiet", RAW])
         if done.returncode != 0:
@@ -232,7 +234,10 @@ def get_data(rerun: Rerun, original: Original, lock: Path | None, folder: Path) 
         why_not = rerun.dvc_pull(lock)
         raw = rerun.src / RAW
         if why_not is None:
-            found = raw_digest(raw)
+            try:
+                found = raw_digest(raw)
+            except (OSError, ValueError, KeyError) as exc:  # pulled, but not a fetch stage's output
+                found = f"none ({type(exc).__name__}: {exc})"
             if found == original.digest:
                 rerun.echo(f"reproduce: data {found} pulled from the DVC remote")
                 return raw
