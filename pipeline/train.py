@@ -796,6 +796,8 @@ def log_inputs(cfg: Config, data: Prepared, manifest: dict, digest: str, raw_dir
         if Path(name).is_file():
             mlflow.log_artifact(name, artifact_path="provenance")
     mlflow.log_dict(manifest, "provenance/data_manifest.json")
+    # the complete effective config, overrides included: what `pipeline reproduce` rebuilds the run from
+    mlflow.log_dict(cfg.model_dump(mode="json"), "provenance/config.json")
     if cfg.train.initial_model and Path(cfg.train.initial_model).is_file():
         mlflow.log_param("derived.initial_model_sha256", sha256_file(cfg.train.initial_model))
     if cfg.augment.enabled:  # its own augmenter: drawing from the training one would change its draws

@@ -42,10 +42,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None, 
     return done
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch) -> Path:
-    """A copy of the project as a git repo with DVC initialised, params set to TINY_PARAMS."""
-    repo = tmp_path / "repo"
+def make_project(repo: Path) -> Path:
+    """A copy of the project at `repo` as a git repo with DVC initialised, params set to TINY_PARAMS."""
     repo.mkdir()
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -62,9 +60,15 @@ def project(tmp_path, monkeypatch) -> Path:
     run(["dvc", "config", "core.analytics", "false"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "project"], repo)
+    return repo
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """make_project in this test's tmp_path, with no tracking URI or run id inherited from the environment."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    return repo
+    return make_project(tmp_path / "repo")
 
 
 def set_params(repo: Path, extra: dict) -> None:
