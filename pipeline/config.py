@@ -414,7 +414,7 @@ def _only_params_of(section: str, chosen: str, params: dict[str, tuple[str, ...]
 class ScheduleConfig(Section):
     """How the learning rate changes with every step (batch); epochs are converted to steps at train time."""
 
-    name: Literal["constant", "exponential", "step", "cosine"] = "constant"
+    name: Literal["constant", "exponential", "step", "cosine"] = "cosine"  # the default recipe: see params.yaml
     decay_rate: Optional[float] = Field(None, gt=0.0, lt=1.0)  # exponential, step: rate multiplier per decay_epochs
     decay_epochs: Optional[float] = Field(None, gt=0.0)  # exponential, step: period; cosine: length (null: to the end)
     boundaries: Optional[tuple[int, ...]] = None  # step: epochs after which the rate is multiplied by decay_rate
@@ -444,7 +444,7 @@ class ScheduleConfig(Section):
 
 class OptimizerConfig(Section):
     name: Literal["sgd", "rmsprop", "adam", "adamax", "adadelta", "adagrad", "nadam"] = "adam"
-    learning_rate: float = Field(1e-3, gt=0.0)  # with a schedule, its starting rate (cosine with warm-up: its peak)
+    learning_rate: float = Field(2e-3, gt=0.0)  # with a schedule, its starting rate (cosine with warm-up: its peak)
     # Per-optimizer params (see OPTIMIZER_PARAMS); null = Keras 3's default for the chosen optimizer.
     momentum: Optional[float] = Field(None, ge=0.0, lt=1.0)  # sgd, rmsprop
     nesterov: Optional[bool] = None  # sgd
@@ -492,7 +492,7 @@ class EarlyStoppingConfig(Section):
 
 
 class ReduceLROnPlateauConfig(Section):
-    enabled: bool = True
+    enabled: bool = False  # the default cosine schedule lowers the rate itself
     monitor: Monitor = "val_loss"
     mode: Literal["auto", "min", "max"] = "auto"
     factor: float = Field(0.5, gt=0.0, lt=1.0)

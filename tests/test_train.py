@@ -59,19 +59,21 @@ def rate(schedule, step: int) -> float:
 # --------------------------------------------------------------------------- defaults
 
 
-def test_defaults_are_adam_at_1e3_without_schedule_smoothing_or_augmentation():
+def test_defaults_are_adam_at_2e3_with_cosine_decay_to_zero_no_plateau_smoothing_or_augmentation():
     cfg = Config()
     optimizer = build_optimizer(cfg.optimizer)
     settings = optimizer.get_config()
-    assert type(optimizer) is keras.optimizers.Adam and settings["learning_rate"] == pytest.approx(1e-3)
+    assert type(optimizer) is keras.optimizers.Adam and settings["learning_rate"] == pytest.approx(2e-3)
     assert (settings["beta_1"], settings["beta_2"], settings["epsilon"]) == (0.9, 0.999, 1e-7)  # Keras' own
     assert settings["clipnorm"] is settings["clipvalue"] is settings["global_clipnorm"] is None
-    assert learning_rate_schedule(cfg.optimizer, steps_per_epoch=375, epochs=5) is None
+    schedule = learning_rate_schedule(cfg.optimizer, steps_per_epoch=400, epochs=5)
+    assert rate(schedule, 0) == pytest.approx(2e-3) and rate(schedule, 2000) == pytest.approx(0.0)
+    assert rate(schedule, 1000) == pytest.approx(1e-3)  # half way down a cosine
     assert cfg.train.label_smoothing == 0 and cfg.train.initial_model is None
     assert build_augmenter(cfg.augment, cfg.seed) is None and not cfg.augment.enabled
-    early, plateau = build_callbacks(cfg.callbacks)
-    assert type(plateau) is keras.callbacks.ReduceLROnPlateau  # the schedule-aware one only with a schedule
+    (early,) = build_callbacks(cfg.callbacks)  # no plateau reduction: the schedule lowers the rate
     assert (early.monitor, early.patience, early.restore_best_weights) == ("val_loss", 3, True)
+    plateau = cfg.callbacks.reduce_lr  # notebook 003's, when enabled
     assert (plateau.factor, plateau.patience, plateau.min_lr, plateau.min_delta) == (0.5, 2, 1e-5, 1e-4)
     assert not cfg.callbacks.checkpoint.enabled
 
@@ -112,12 +114,12 @@ def test_each_optimizer_takes_its_own_params_and_trains(data, name):
         (["optimizer.name=sgd", "optimizer.epsilon=1e-08"], "optimizer.epsilon = 1e-08 is not a parameter of optimizer.name = 'sgd'"),
         (["optimizer.name=adagrad", "optimizer.rho=0.9"], "use it with rmsprop or adadelta"),
         (["optimizer.name=adamm"], "did you mean 'adam'?"),
-        (["optimizer.schedule.alpha=0.1"], "optimizer.schedule.alpha = 0.1 is not a parameter of optimizer.schedule.name = 'constant'"),
+        (["optimizer.schedule.name=constant", "optimizer.schedule.alpha=0.1"], "optimizer.schedule.alpha = 0.1 is not a parameter of optimizer.schedule.name = 'constant'"),
         (["optimizer.schedule.name=exponential", "optimizer.schedule.decay_rate=0.5"], "needs optimizer.schedule.decay_epochs"),
         (["optimizer.schedule.name=step", "optimizer.schedule.decay_rate=0.5"], "needs exactly one of"),
         (["optimizer.schedule.name=step", "optimizer.schedule.decay_rate=0.5", "optimizer.schedule.boundaries=[4, 2]"],
          "boundaries = [4, 2]: expected increasing epoch numbers"),
-        (["optimizer.decay=1e-6", "optimizer.schedule.name=cosine"], "are two schedules"),
+        (["optimizer.decay=1e-6"], "are two schedules"),  # with the default cosine schedule
         (["optimizer.clipnorm=1", "optimizer.global_clipnorm=1"], "Keras takes one of them"),
         (["callbacks.early_stopping.monitor=val_acc"], "did you mean 'val_accuracy'?"),  # Keras 2's name
         (["callbacks.checkpoint.mode=best"], "callbacks.checkpoint.mode = 'best' is not allowed"),
@@ -138,7 +140,7 @@ def test_params_an_optimizer_schedule_or_callback_cannot_take_fail_in_one_line(o
 @pytest.mark.parametrize(
     "overrides, expected",  # {step: rate / learning_rate}, with 10 steps an epoch and 4 epochs
     [
-        (["optimizer.decay=0.01"], {0: 1.0, 25: 1 / 1.25}),  # Keras 2: lr / (1 + decay * iterations)
+        (["optimizer.schedule.name=constant", "optimizer.decay=0.01"], {0: 1.0, 25: 1 / 1.25}),  # Keras 2: lr / (1 + decay * iterations)
         (["optimizer.schedule.name=exponential", "optimizer.schedule.decay_rate=0.5", "optimizer.schedule.decay_epochs=2"],
          {0: 1.0, 10: 0.5**0.5, 20: 0.5}),
         (["optimizer.schedule.name=step", "optimizer.schedule.decay_rate=0.1", "optimizer.schedule.decay_epochs=1"],
@@ -158,7 +160,8 @@ def test_schedules_give_the_documented_rates(overrides, expected):
 
 def test_plateau_scales_the_schedule_and_the_rate_used_is_logged(data):
     # min_delta 100: no epoch after the first counts as better, so with patience 0 the rate drops after each
-    cfg = config("optimizer.name=sgd", "optimizer.learning_rate=0.1", "optimizer.decay=0.1", "train.epochs=3",
+    cfg = config("optimizer.schedule.name=constant", "optimizer.name=sgd", "optimizer.learning_rate=0.1",
+                 "optimizer.decay=0.1", "train.epochs=3",
                  "callbacks.reduce_lr.enabled=true", "callbacks.reduce_lr.patience=0",
                  "callbacks.reduce_lr.min_delta=100", "callbacks.reduce_lr.factor=0.5")
     result = train_model(cfg, data, verbose=0)
@@ -262,21 +265,21 @@ def test_augmentation_samples_are_a_png_grid_of_originals_and_variants(data):
 
 NOTEBOOK_EXPERIMENTS = {
     # 000: SGD(lr=0.01, momentum=0.9, decay=lrate/epochs, nesterov=False), 25 epochs of batch 256
-    "000 base": (["optimizer.name=sgd", "optimizer.learning_rate=0.01", "optimizer.momentum=0.9",
+    "000 base": (["optimizer.schedule.name=constant", "optimizer.name=sgd", "optimizer.learning_rate=0.01", "optimizer.momentum=0.9",
                   "optimizer.nesterov=false", "optimizer.decay=0.0004", "train.epochs=25", "train.batch_size=256"],
                  "SGD", {"momentum": 0.9, "nesterov": False}),
     # 001 models 4-5: Adamax(lr=0.002, beta_1=0.9, beta_2=0.999, epsilon=1, decay=0.0)
-    "001 adamax": (["optimizer.name=adamax", "optimizer.learning_rate=0.002", "optimizer.beta_1=0.9",
+    "001 adamax": (["optimizer.schedule.name=constant", "optimizer.name=adamax", "optimizer.learning_rate=0.002", "optimizer.beta_1=0.9",
                     "optimizer.beta_2=0.999", "optimizer.epsilon=1"], "Adamax", {"epsilon": 1.0}),
     # 003 models 5-7: SGD(lr=0.01, decay=1e-6, momentum=0.9, nesterov=True) + ReduceLROnPlateau(val_accuracy, 3, 0.5, 1e-5)
-    "003 model 5": (["optimizer.name=sgd", "optimizer.learning_rate=0.01", "optimizer.decay=1e-6",
-                     "optimizer.momentum=0.9", "optimizer.nesterov=true", "callbacks.reduce_lr.monitor=val_accuracy",
-                     "callbacks.reduce_lr.patience=3", "callbacks.early_stopping.enabled=false"],
+    "003 model 5": (["optimizer.schedule.name=constant", "optimizer.name=sgd", "optimizer.learning_rate=0.01", "optimizer.decay=1e-6",
+                     "optimizer.momentum=0.9", "optimizer.nesterov=true", "callbacks.reduce_lr.enabled=true",
+                     "callbacks.reduce_lr.monitor=val_accuracy", "callbacks.reduce_lr.patience=3", "callbacks.early_stopping.enabled=false"],
                     "SGD", {"nesterov": True}),
     # 003: Adadelta() with Keras 2's default rate of 1.0 (Keras 3's default is 0.001)
-    "003 adadelta": (["optimizer.name=adadelta", "optimizer.learning_rate=1.0"], "Adadelta", {"rho": 0.95}),
+    "003 adadelta": (["optimizer.schedule.name=constant", "optimizer.name=adadelta", "optimizer.learning_rate=1.0"], "Adadelta", {"rho": 0.95}),
     # 004: RMSprop(lr=0.0001, decay=1e-6) with EarlyStopping(monitor='val_acc', patience=5)
-    "004 baseline": (["optimizer.name=rmsprop", "optimizer.learning_rate=1e-4", "optimizer.decay=1e-6",
+    "004 baseline": (["optimizer.schedule.name=constant", "optimizer.name=rmsprop", "optimizer.learning_rate=1e-4", "optimizer.decay=1e-6",
                       "callbacks.early_stopping.monitor=val_accuracy", "callbacks.early_stopping.patience=5",
                       "callbacks.reduce_lr.enabled=false", "train.epochs=100", "train.batch_size=32"],
                      "RMSprop", {"rho": 0.9, "momentum": 0.0}),
