@@ -156,7 +156,8 @@ def run(ctx: click.Context, out: str, more: str, **options: str) -> None:
     extra = [f"{RUN_OPTIONS[name]}={value}" for name, value in options.items() if value != ""]
     extra += more.split()
     cfg = _config(ctx, extra)
-    base = load_config(ctx.obj["params"])
+    # the params dvc.yaml's stages read: their data may be reused only when the run's data params equal these
+    base = load_config(DEFAULT_PARAMS) if Path(DEFAULT_PARAMS).is_file() else None
     run_id = workflow.run_all(cfg, base, out)
     click.echo(f"run: MLflow run {run_id} -> {Path(out) / run_id}")
 

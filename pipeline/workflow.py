@@ -27,9 +27,12 @@ def data_params(cfg: Config) -> dict:
     return {key: cfg.model_dump(mode="json")[key] for key in DATA_KEYS}
 
 
-def dvc_data(cfg: Config, base: Config) -> tuple[Path, Path] | None:
-    """(raw, prepared) from `dvc repro preprocess`, or None when the run needs other data."""
-    if data_params(cfg) != data_params(base) or not Path("dvc.yaml").is_file():
+def dvc_data(cfg: Config, base: Config | None) -> tuple[Path, Path] | None:
+    """(raw, prepared) from `dvc repro preprocess`, or None when the run needs other data.
+
+    base: the config of params.yaml, which the DVC stages read (not a `--params` file given instead).
+    """
+    if base is None or data_params(cfg) != data_params(base) or not Path("dvc.yaml").is_file():
         return None
     dvc = shutil.which("dvc")
     if dvc is None:
@@ -41,7 +44,7 @@ def dvc_data(cfg: Config, base: Config) -> tuple[Path, Path] | None:
     return DVC_RAW, DVC_PREPARED
 
 
-def run_all(cfg: Config, base: Config, out) -> str:
+def run_all(cfg: Config, base: Config | None, out) -> str:
     from pipeline import evaluate, fetch, predict, preprocess, train, tracking
 
     with tracking.run_scope(cfg) as run_id:
