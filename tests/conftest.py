@@ -26,6 +26,32 @@ TINY_PARAMS = {
 }
 
 
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow_state(monkeypatch):
+    """Each test starts and ends with MLflow unconfigured.
+
+    MLflow keeps the tracking URI and the experiment in module globals and mirrors them into environment
+    variables that subprocesses inherit (set_tracking_uri, set_experiment): one test's store would
+    otherwise become the next test's, in process and in the `pipeline`/`dvc`/`mlflow` commands it runs.
+    """
+    for name in MLFLOW_ENV:
+        monkeypatch.delenv(name, raising=False)
+    yield
+    if "mlflow" in sys.modules:  # only if a test imported it: importing it here would cost every test seconds
+        import mlflow
+        from mlflow.tracking import fluent
+
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)  # also unsets MLFLOW_TRACKING_URI
+        fluent._active_experiment_id = None
+    for name in MLFLOW_ENV:
+        os.environ.pop(name, None)
+
+
 def merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
