@@ -421,7 +421,8 @@ class TrainResult:
     resumed_epoch: int = 0  # how many epochs came from a backup (trained before a kill) rather than from this call
     precision: str = "float32"  # the Keras mixed-precision policy it trained under (train.precision resolved)
     precision_reason: str = ""  # why: the setting, or what `auto` found on this machine
-    strategy: str = ""  # the tf.distribute strategy's class name
+    distribute: str = "none"  # train.distribute
+    strategy: str = ""  # the tf.distribute strategy's class name (MultiWorkerMirroredStrategy's is CollectiveAllReduceStrategy)
     device: str = "cpu"  # what the replicas ran on: gpu or cpu (train.device resolved)
     replicas: int = 1  # in all, over every worker; each took train.batch_size / replicas images a step
     workers: int = 1
@@ -580,7 +581,8 @@ def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2, ba
     finally:
         keras.mixed_precision.set_global_policy(before)
     result.precision, result.precision_reason = precision, reason
-    result.strategy, result.device = type(placement.strategy).__name__, placement.device
+    result.distribute, result.strategy = placement.distribute, type(placement.strategy).__name__
+    result.device = placement.device
     result.replicas, result.workers = placement.replicas, placement.cluster.workers
     return result
 
@@ -854,7 +856,8 @@ def main(cfg: Config, data_dir, raw_dir, out_dir) -> str | None:
                 "derived.raw_shape": "x".join(map(str, data.stats["raw_shape"])),
                 "derived.num_classes": len(data.class_names),
                 # as used: the global batch split over the replicas, the learning rate as given (not scaled)
-                "derived.distribute": result.strategy,
+                "derived.distribute": result.distribute,
+                "derived.strategy": result.strategy,
                 "derived.device": result.device,
                 "derived.workers": result.workers,
                 "derived.replicas": result.replicas,

@@ -258,8 +258,8 @@ def test_two_workers_train_as_one_process_would_and_only_the_chief_logs_and_writ
     logged = store.get_run(run_id)
     assert logged.info.status == "FINISHED"
     params = logged.data.params
-    assert (params["derived.distribute"], params["derived.workers"], params["derived.replicas"]) == (
-        "MultiWorkerMirroredStrategy", "2", "2")
+    assert (params["derived.distribute"], params["derived.workers"], params["derived.replicas"]) == ("multi_worker", "2", "2")
+    assert params["derived.strategy"] == "CollectiveAllReduceStrategy"  # MultiWorkerMirroredStrategy's class
     assert (params["derived.global_batch_size"], params["derived.per_replica_batch_size"]) == ("64", "32")
     assert params["derived.learning_rate"] == params["optimizer.learning_rate"] == "0.005"
     assert logged.data.tags["device"].startswith(("cpu:", "gpu:"))
