@@ -185,7 +185,30 @@ def gather_from_workers(placement: Placement, value: int) -> list[int]:
     import tensorflow as tf
 
     strategy = placement.strategy
-    per_replica = strategy.run(lambda: tf.constant([value], "int64"))
-    values = strategy.gather(per_replica, axis=0).numpy().tolist()
+
+    @tf.function  # the strategy runs collectives eagerly only slowly, with a warning
+    def gather(mine):
+        return strategy.gather(strategy.run(lambda: mine), axis=0)
+
+    values = gather(tf.constant([value], "int64")).numpy().tolist()
     per_worker = len(values) // placement.cluster.workers  # each worker's replicas gave the same value
     return [int(v) for v in values[::per_worker]]
+
+
+def lost_worker(exc: Exception) -> PipelineError | None:
+    """The one-line error for a multi-worker training that stopped because a worker did; None for another error.
+
+    A collective with a worker that has gone fails with UnavailableError: at once when its address refuses
+    the connection, or when TensorFlow's coordination service has missed its heartbeats for a few seconds.
+    """
+    import tensorflow as tf
+
+    if not isinstance(exc, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError)):
+        return None
+    text = re.sub(r"\{\{[^}]*\}\}", "", str(exc))  # TensorFlow's {{function_node ...}} markers
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = next((line for line in lines if "aborted" in line.lower() or "unhealthy" in line), lines[0] if lines else "")
+    task = next((line for line in lines if line.startswith("/job:")), "")
+    return PipelineError(f"the multi-worker training stopped: a worker stopped or cannot be reached "
+                         f"(TensorFlow: {' '.join(filter(None, (reason, task)))[:300]}); start every worker again "
+                         "(the chief resumes from its backup where every worker sees it)")

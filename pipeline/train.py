@@ -590,7 +590,7 @@ def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2, ba
 def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int, backup: Backup | None, placement) -> TrainResult:
     import keras
 
-    from pipeline.distribute import gather_from_workers
+    from pipeline.distribute import gather_from_workers, lost_worker
     from pipeline.models import build_model
     from pipeline.tracking import epoch_callback
 
@@ -662,12 +662,20 @@ def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int, backup: Backup | N
         if on_epoch is not None:  # after the backup: an epoch is reported once it can be resumed from
             callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(recorder.rows[-1])))
         start = time.perf_counter()
-        network.fit(
-            train_ds, validation_data=val_ds, epochs=cfg.train.epochs, initial_epoch=first_epoch,
-            steps_per_epoch=steps_per_epoch,  # train_ds holds every remaining epoch, each in its own order
-            callbacks=callbacks, verbose=verbose,
-            shuffle=False,  # train_ds shuffles itself every epoch
-        )
+        lost = None
+        try:
+            network.fit(
+                train_ds, validation_data=val_ds, epochs=cfg.train.epochs, initial_epoch=first_epoch,
+                steps_per_epoch=steps_per_epoch,  # train_ds holds every remaining epoch, each in its own order
+                callbacks=callbacks, verbose=verbose,
+                shuffle=False,  # train_ds shuffles itself every epoch
+            )
+        except Exception as exc:
+            lost = lost_worker(exc) if placement.cluster.workers > 1 else None
+            if lost is None:
+                raise
+        if lost is not None:  # raised here, not in the except: TensorFlow's error and the thread pool its frames
+            raise lost        # hold go now, not at exit, where the pool's cleanup prints a traceback
         seconds = state["train_seconds"] + time.perf_counter() - start
         restored = len(recorder.rows)
         if stopper is not None and stopper.restore_best_weights and stopper.best_weights is not None:

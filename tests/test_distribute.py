@@ -17,6 +17,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -283,3 +284,50 @@ def test_two_workers_train_as_one_process_would_and_only_the_chief_logs_and_writ
     assert history["loss"].iloc[-1] == pytest.approx(reference["loss"].iloc[-1], rel=0.02)
     assert history["loss"].iloc[-1] < 0.6 * history["loss"].iloc[0]
     assert math.isfinite(history["val_loss"].iloc[-1])
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_chief_in_one_line_with_its_run_failed(project, tmp_path):
+    run(["pipeline", "fetch"], project)
+    run(["pipeline", "preprocess"], project)
+    workers = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("TF_CONFIG", None)
+    store = client(project)
+    procs = []
+    try:
+        for index in (0, 1):
+            procs.append(subprocess.Popen(
+                [str(BIN / "pipeline"), "--set", "train.distribute=multi_worker", "--set", "train.device=cpu",
+                 "--set", "train.epochs=5000", "train", "--out", f"data/worker-{index}", "--workers", workers,
+                 "--worker-index", str(index)],
+                cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                start_new_session=True))
+        deadline = time.time() + 300
+        running = []
+        while time.time() < deadline and all(proc.poll() is None for proc in procs):
+            experiment = store.get_experiment_by_name("tests")
+            running = [r for r in store.search_runs([experiment.experiment_id])] if experiment else []
+            if running and store.get_metric_history(running[0].info.run_id, "loss"):
+                break
+            time.sleep(1)
+        assert running, "the chief never logged an epoch"
+        os.killpg(procs[1].pid, signal.SIGKILL)  # as when the worker's machine goes away
+        killed = time.monotonic()
+        _, stderr = procs[0].communicate(timeout=180)
+        seconds = time.monotonic() - killed
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    line = next((line for line in stderr.splitlines() if line.startswith("error: ")), "")
+    print(f"\nthe chief stopped {seconds:.0f} s after its worker was killed: {line}")
+    chief = SimpleNamespace(returncode=procs[0].returncode, stderr=stderr)
+    # the cause as TensorFlow saw it first: a refused connection, or the missed heartbeats of task 1
+    assert_one_line_error(chief, "error: the multi-worker training stopped: a worker stopped or cannot be reached")
+    failed = store.get_run(running[0].info.run_id)
+    assert failed.info.status == "FAILED" and "the multi-worker training stopped" in failed.data.tags["error"]
+    assert seconds < 120  # not a hang: TensorFlow's heartbeats (or a refused connection) end it
+    assert not (project / "data" / "worker-0").exists() and not (project / "data" / "worker-1").exists()
