@@ -97,8 +97,11 @@ def preprocess(ctx: click.Context, raw: str, out: str) -> None:
                    "manager sets it.")
 @click.option("--worker-index", "worker_index", type=int, default=None,
               help="This process's position in --workers (0: the chief).")
+@click.option("--worker-wait", "worker_wait", type=click.FloatRange(min=1), default=600, metavar="SECONDS",
+              help="With train.distribute=multi_worker: how long to wait for every worker to start before failing.")
 @click.pass_context
-def train(ctx: click.Context, data: str, raw: str, out: str, workers: str | None, worker_index: int | None) -> None:
+def train(ctx: click.Context, data: str, raw: str, out: str, workers: str | None, worker_index: int | None,
+          worker_wait: float) -> None:
     """Train the model from model.*, optimizer.*, train.*, callbacks.*; log the run to MLflow.
 
     With train.distribute=multi_worker, start it on every worker with the same params and data; the
@@ -115,7 +118,7 @@ def train(ctx: click.Context, data: str, raw: str, out: str, workers: str | None
         if os.environ.get("TF_CONFIG"):
             raise PipelineError("TF_CONFIG is set and --workers given: use one of them")
         os.environ["TF_CONFIG"] = distribute.tf_config(workers or "", worker_index)
-    run_id = stage.main(cfg, data, raw, out)
+    run_id = stage.main(cfg, data, raw, out, worker_wait=worker_wait)
     if run_id is None:
         click.echo(f"train: worker done; the chief logs the run and writes {out}")
     else:

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 TF_CONFIG_SHAPE = ('{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": I}} '
                    '(optionally a "chief": ["host:port"] job)')
+WORKER_WAIT = 600.0  # seconds a multi_worker process waits for all the workers to start, by default
 ADDRESS = re.compile(r"^[A-Za-z0-9_.\-]+:\d{1,5}$|^\[[0-9A-Fa-f:.]+\]:\d{1,5}$")  # host:port or [ipv6]:port
 
 
@@ -144,8 +145,12 @@ def choose_device(setting: str) -> str:
     return device
 
 
-def place(distribute: str, device_setting: str, where: Cluster | None = None, device: str | None = None) -> Placement:
-    """The strategy for train.distribute on train.device; create it before any other TensorFlow op."""
+def place(distribute: str, device_setting: str, where: Cluster | None = None, device: str | None = None,
+          wait_seconds: float = WORKER_WAIT) -> Placement:
+    """The strategy for train.distribute on train.device; create it before any other TensorFlow op.
+
+    wait_seconds: how long a multi_worker process waits for every worker to start (register) before it fails.
+    """
     import tensorflow as tf
 
     from pipeline.hardware import cpu_info
@@ -162,8 +167,13 @@ def place(distribute: str, device_setting: str, where: Cluster | None = None, de
         if pin_cpu:
             raise PipelineError("train.device = cpu with multi_worker: the GPUs must be hidden before TensorFlow "
                                 "starts; run it through `pipeline train`")
+        _limit_registration(wait_seconds)
         try:
             strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except tf.errors.DeadlineExceededError:
+            raise PipelineError(f"train.distribute = multi_worker: not every worker started within {wait_seconds:g} s "
+                                "(pipeline train --worker-wait); start all of them, with the same --workers or "
+                                "TF_CONFIG cluster") from None
         except (RuntimeError, ValueError) as exc:  # "Collective ops must be configured at program startup"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PipelineError(f"train.distribute = multi_worker: cannot create the strategy ({first}); "
@@ -176,6 +186,33 @@ def place(distribute: str, device_setting: str, where: Cluster | None = None, de
     else:
         tag = f"cpu:{cpu_info()['model']}"
     return Placement(strategy, distribute, device, tag, int(strategy.num_replicas_in_sync), where)
+
+
+def _limit_registration(seconds: float) -> None:
+    """Configure TensorFlow's coordination service as MultiWorkerMirroredStrategy would, with a registration timeout.
+
+    Without one a worker whose chief never starts (it failed its checks, or was never launched) waits for
+    it for well over ten minutes (measured; 0 is TensorFlow's own default), blocked in C++ where SIGTERM's
+    handler cannot run. The strategy configures the service only when nothing has (TensorFlow 2.21's
+    collective_all_reduce_strategy.py); these are private modules, so if they move the strategy's own
+    configuration, without the limit, applies.
+    """
+    try:
+        from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+        from tensorflow.python.eager import context
+    except ImportError:
+        log.debug("no coordination service settings in this TensorFlow: workers wait for each other without a limit")
+        return
+    spec = json.loads(os.environ["TF_CONFIG"])  # cluster() has checked it
+    jobs = [job for job in ("chief", "worker") if spec["cluster"].get(job)]
+    if context.context().coordination_service is None:
+        context.context().configure_coordination_service(
+            service_type="standalone",
+            service_leader=f"/job:{jobs[0]}/replica:0/task:0",  # the chief, else worker 0: as the strategy has it
+            coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name=job, num_tasks=len(spec["cluster"][job]))
+                              for job in jobs],
+            cluster_register_timeout_in_ms=int(seconds * 1000),
+        )
 
 
 def gather_from_workers(placement: Placement, value: int) -> list[int]:

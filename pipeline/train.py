@@ -789,7 +789,7 @@ def totals(result: TrainResult, n_train: int) -> dict[str, float]:
     }
 
 
-def main(cfg: Config, data_dir, raw_dir, out_dir) -> str | None:
+def main(cfg: Config, data_dir, raw_dir, out_dir, worker_wait: float | None = None) -> str | None:
     """The stage: train, save the raw-pixel model, log everything to one MLflow run; returns its id.
 
     A training killed before it ended resumes after its last completed epoch when the stage runs again
@@ -797,7 +797,7 @@ def main(cfg: Config, data_dir, raw_dir, out_dir) -> str | None:
     epoch (removed once the outputs are saved), and it continues the same MLflow run.
 
     With train.distribute = multi_worker every worker runs this; a non-chief worker trains, writes and logs
-    nothing, and returns None.
+    nothing, and returns None. worker_wait: seconds to wait for every worker to start (distribute.WORKER_WAIT).
     """
     import mlflow
 
@@ -810,9 +810,10 @@ def main(cfg: Config, data_dir, raw_dir, out_dir) -> str | None:
     # the cluster (TF_CONFIG), the device, the store, the data. No TF op runs before the strategy exists.
     where = distribute.cluster(cfg.train.distribute)
     device = distribute.choose_device(cfg.train.device)
+    wait = distribute.WORKER_WAIT if worker_wait is None else worker_wait
     if not where.chief:
         data = load_prepared(data_dir)
-        placement = distribute.place(cfg.train.distribute, cfg.train.device, where, device)
+        placement = distribute.place(cfg.train.distribute, cfg.train.device, where, device, wait)
         backup = Backup(resume_folder(out_dir), resume_key(cfg, data), readonly=True)
         train_model(cfg, data, verbose=0, backup=backup, placement=placement)
         return None
@@ -820,7 +821,7 @@ def main(cfg: Config, data_dir, raw_dir, out_dir) -> str | None:
     data = load_prepared(data_dir)
     manifest = read_json(Path(raw_dir) / "manifest.json")
     digest = fetch.dataset_digest(manifest)
-    placement = distribute.place(cfg.train.distribute, cfg.train.device, where, device)
+    placement = distribute.place(cfg.train.distribute, cfg.train.device, where, device, wait)
     backup = Backup(resume_folder(out_dir), resume_key(cfg, data))
     snapshot = backup.latest()
     resumed = snapshot.state["extra"].get("run_id") if snapshot is not None else None

@@ -331,3 +331,17 @@ def test_a_killed_worker_stops_the_chief_in_one_line_with_its_run_failed(project
     assert failed.info.status == "FAILED" and "the multi-worker training stopped" in failed.data.tags["error"]
     assert seconds < 120  # not a hang: TensorFlow's heartbeats (or a refused connection) end it
     assert not (project / "data" / "worker-0").exists() and not (project / "data" / "worker-1").exists()
+
+
+def test_a_worker_whose_chief_never_starts_fails_in_one_line_after_its_wait(project):
+    run(["pipeline", "fetch"], project)
+    run(["pipeline", "preprocess"], project)
+    workers = ",".join(f"127.0.0.1:{port}" for port in free_ports(2))
+    start = time.monotonic()
+    # without a limit TensorFlow waits for the chief for well over ten minutes, deaf to SIGTERM
+    done = run(["pipeline", "--set", "train.distribute=multi_worker", "train", "--workers", workers,
+                "--worker-index", "1", "--worker-wait", "5"], project, check=False, timeout=180)
+    seconds = time.monotonic() - start
+    assert_one_line_error(done, "train.distribute = multi_worker: not every worker started within 5 s")
+    assert seconds < 90, f"took {seconds:.0f} s"
+    assert not (project / "data" / "train").exists() and not (project / "mlflow.db").exists()
