@@ -807,13 +807,13 @@ def main(cfg: Config, data_dir, raw_dir, out_dir, worker_wait: float | None = No
     from pipeline.preprocess import load_prepared
 
     # What can fail does so before the workers meet (a worker that fails after would leave the others waiting):
-    # the cluster (TF_CONFIG), the device, the store, the data. No TF op runs before the strategy exists.
+    # the cluster (TF_CONFIG), the store, the data, the device (the checks that need no TensorFlow first).
+    # No TF op runs before the strategy exists.
     where = distribute.cluster(cfg.train.distribute)
-    device = distribute.choose_device(cfg.train.device)
     wait = distribute.WORKER_WAIT if worker_wait is None else worker_wait
     if not where.chief:
         data = load_prepared(data_dir)
-        placement = distribute.place(cfg.train.distribute, cfg.train.device, where, device, wait)
+        placement = distribute.place(cfg.train.distribute, cfg.train.device, where, wait_seconds=wait)
         backup = Backup(resume_folder(out_dir), resume_key(cfg, data), readonly=True)
         train_model(cfg, data, verbose=0, backup=backup, placement=placement)
         return None
@@ -821,7 +821,7 @@ def main(cfg: Config, data_dir, raw_dir, out_dir, worker_wait: float | None = No
     data = load_prepared(data_dir)
     manifest = read_json(Path(raw_dir) / "manifest.json")
     digest = fetch.dataset_digest(manifest)
-    placement = distribute.place(cfg.train.distribute, cfg.train.device, where, device, wait)
+    placement = distribute.place(cfg.train.distribute, cfg.train.device, where, wait_seconds=wait)
     backup = Backup(resume_folder(out_dir), resume_key(cfg, data))
     snapshot = backup.latest()
     resumed = snapshot.state["extra"].get("run_id") if snapshot is not None else None

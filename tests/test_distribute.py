@@ -181,14 +181,18 @@ def test_workers_without_multi_worker_and_multi_worker_without_a_cluster_fail_in
     assert not (project / "data" / "train").exists() and not (project / "mlflow.db").exists()
 
 
-def test_gpu_without_a_gpu_fails_in_one_line_before_anything(project):
+def test_gpu_without_a_gpu_fails_in_one_line_before_training(project):
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU"):
         pytest.skip("this machine has a GPU")
+    run(["pipeline", "fetch"], project)
+    run(["pipeline", "preprocess"], project)
     done = run(["pipeline", "--set", "train.device=gpu", "train"], project, check=False)
     assert_one_line_error(done, "train.device = gpu: TensorFlow finds no GPU on this machine")
-    assert not (project / "mlflow.db").exists()  # before the store is opened: no run at all
+    experiment = client(project).get_experiment_by_name("tests")
+    assert client(project).search_runs([experiment.experiment_id]) == []  # before the run is opened
+    assert not (project / "data" / "train").exists()
 
 
 def free_ports(count: int) -> list[int]:
