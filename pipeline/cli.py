@@ -51,7 +51,7 @@ def cli(ctx: click.Context, params_path: str, overrides: tuple[str, ...], verbos
     reruns a logged run from its commit, data and config and compares the two.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("alembic", "mlflow.store", "urllib3", "matplotlib", "h5py", "absl"):
+    for noisy in ("alembic", "mlflow.store", "urllib3", "matplotlib", "h5py", "absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     ctx.obj = {"params": params_path, "overrides": overrides}
@@ -93,13 +93,38 @@ def preprocess(ctx: click.Context, raw: str, out: str) -> None:
 @click.option("--data", default="data/prepared", type=click.Path(file_okay=False), help="The preprocess stage's output.")
 @click.option("--raw", default="data/raw", type=click.Path(file_okay=False), help="The fetch stage's output (manifest, input example).")
 @click.option("--out", default="data/train", type=click.Path(file_okay=False), help="model.keras, history.csv, summary.txt, run.json.")
+@click.option("--workers", default=None, metavar="HOST:PORT,...",
+              help="With train.distribute=multi_worker: every worker's address, the chief (which logs and writes "
+                   "the outputs) first; sets TF_CONFIG for this process. Without it, TF_CONFIG as a cluster "
+                   "manager sets it.")
+@click.option("--worker-index", "worker_index", type=int, default=None,
+              help="This process's position in --workers (0: the chief).")
+@click.option("--worker-wait", "worker_wait", type=click.FloatRange(min=1), default=600, metavar="SECONDS",
+              help="With train.distribute=multi_worker: how long to wait for every worker to start before failing.")
 @click.pass_context
-def train(ctx: click.Context, data: str, raw: str, out: str) -> None:
-    """Train the model from model.*, optimizer.*, train.*, callbacks.*; log the run to MLflow."""
+def train(ctx: click.Context, data: str, raw: str, out: str, workers: str | None, worker_index: int | None,
+          worker_wait: float) -> None:
+    """Train the model from model.*, optimizer.*, train.*, callbacks.*; log the run to MLflow.
+
+    With train.distribute=multi_worker, start it on every worker with the same params and data; the
+    chief alone logs and writes --out, the others write nothing.
+    """
+    from pipeline import distribute
     from pipeline import train as stage
 
-    run_id = stage.main(_config(ctx), data, raw, out)
-    click.echo(f"train: MLflow run {run_id} -> {out}")
+    cfg = _config(ctx)
+    if workers is not None or worker_index is not None:
+        if cfg.train.distribute != "multi_worker":
+            raise PipelineError(f"--workers and --worker-index need train.distribute = multi_worker "
+                                f"(it is {cfg.train.distribute!r})")
+        if os.environ.get("TF_CONFIG"):
+            raise PipelineError("TF_CONFIG is set and --workers given: use one of them")
+        os.environ["TF_CONFIG"] = distribute.tf_config(workers or "", worker_index)
+    run_id = stage.main(cfg, data, raw, out, worker_wait=worker_wait)
+    if run_id is None:
+        click.echo(f"train: worker done; the chief logs the run and writes {out}")
+    else:
+        click.echo(f"train: MLflow run {run_id} -> {out}")
 
 
 @cli.command()

@@ -474,12 +474,15 @@ class OptimizerConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(5, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1)  # the global batch: batch_size / replicas on each replica (pipeline/distribute.py)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: one-hot labels, CategoricalCrossentropy(label_smoothing)
     initial_model: Optional[str] = None  # a model.keras saved by the train stage: start from its network's weights
     deterministic: bool = True  # TensorFlow op determinism: same params + same machine = bitwise-equal results
     # auto: bf16 mixed precision where it is faster on this machine (pipeline/hardware.py), else float32
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = "auto"
+    # none | mirrored (MirroredStrategy: this machine's GPUs) | multi_worker (MultiWorkerMirroredStrategy, TF_CONFIG)
+    distribute: Literal["none", "mirrored", "multi_worker"] = "none"
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto: the GPU if TensorFlow finds one, else the CPU
 
 
 class EarlyStoppingConfig(Section):

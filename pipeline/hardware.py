@@ -59,11 +59,12 @@ def gpu_supports_bf16(device) -> bool:
     return tuple(details.get("compute_capability") or (0, 0)) >= (8, 0)
 
 
-def resolve_precision(setting: str) -> tuple[str, str]:
-    """(keras mixed-precision policy, why) for train.precision = `setting`."""
+def resolve_precision(setting: str, device: str | None = None) -> tuple[str, str]:
+    """(keras mixed-precision policy, why) for train.precision = `setting` on `device` ('gpu', 'cpu';
+    None: the GPUs if there are any). Run it after the distribution strategy exists: the probe runs TF ops."""
     if setting != "auto":
         return setting, "train.precision"
-    devices = gpus()
+    devices = gpus() if device != "cpu" else []
     if devices:
         if all(gpu_supports_bf16(device) for device in devices):
             return "mixed_bfloat16", "GPU with compute capability >= 8.0"

@@ -168,7 +168,9 @@ def git_state(cwd: str | None = None) -> dict[str, str]:
     return {"mlflow.source.git.commit": head.stdout.strip(), "git.dirty": str(dirty).lower()}
 
 
-def environment_tags() -> dict[str, str]:
+def environment_tags(device: str | None = None) -> dict[str, str]:
+    """Versions and hardware; `device`: the `device` tag as the training placed it (distribute.Placement.tag),
+    else the GPUs TensorFlow sees or the CPU."""
     import keras
     import mlflow
     import tensorflow as tf
@@ -191,7 +193,7 @@ def environment_tags() -> dict[str, str]:
         "versions.mlflow": mlflow.__version__,
         "versions.python": platform.python_version(),
         **others,
-        "device": "gpu:" + ",".join(d.name for d in gpus) if gpus else f"cpu:{cpu['model']}",
+        "device": device or ("gpu:" + ",".join(d.name for d in gpus) if gpus else f"cpu:{cpu['model']}"),
         "cpu.model": str(cpu["model"]),
         "cpu.flags": " ".join(cpu["flags"]),  # those that decide speed: AVX2, AVX-512, BF16, AMX
         "cpu.cores": str(cpu["cores"]),

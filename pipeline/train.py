@@ -11,6 +11,10 @@ ends as if never interrupted: each epoch's shuffle order and augmentation
 draws depend on (seed, epoch, batch) only, and the backup holds everything
 else that decides what comes next (weights, seed generators, optimizer,
 callbacks' counters and bests, the history so far).
+
+train.distribute and train.device (pipeline/distribute.py) decide where it runs: the model, optimizer and
+metrics are created under the strategy's scope, train.batch_size is the global batch, and with several
+workers only the chief logs and writes.
 """
 
 from __future__ import annotations
@@ -114,7 +118,11 @@ def make_dataset(x: np.ndarray, y: np.ndarray | None, stats: dict, batch_size: i
 
     # Not parallel with augmentation: a batch resets the layers' shared seed generators, then draws from them.
     ds = ds.map(load, num_parallel_calls=None if augment is not None else tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    # Under a tf.distribute strategy: split every global batch into per-replica slices (there are no files
+    # to shard by; pipeline/distribute.py says what this gives). Ignored without one.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 AUGMENT_DRAWS_PER_BATCH = 1024  # room in a seed generator's counter for one batch's draws (each layer takes 1-3)
@@ -413,6 +421,11 @@ class TrainResult:
     resumed_epoch: int = 0  # how many epochs came from a backup (trained before a kill) rather than from this call
     precision: str = "float32"  # the Keras mixed-precision policy it trained under (train.precision resolved)
     precision_reason: str = ""  # why: the setting, or what `auto` found on this machine
+    distribute: str = "none"  # train.distribute
+    strategy: str = ""  # the tf.distribute strategy's class name (MultiWorkerMirroredStrategy's is CollectiveAllReduceStrategy)
+    device: str = "cpu"  # what the replicas ran on: gpu or cpu (train.device resolved)
+    replicas: int = 1  # in all, over every worker; each took train.batch_size / replicas images a step
+    workers: int = 1
 
 
 # Callback attributes that decide what a training does next; Keras resets them in on_train_begin.
@@ -465,11 +478,12 @@ class Backup:
     `folder` holds one snapshot `epoch-NNNNN/` per completed epoch, each written whole under a temporary
     name and then renamed (a kill mid-write leaves the previous one); older ones are deleted once the new
     one is in place. Each snapshot carries `key` (resume_key): a backup of another training is discarded.
-    `extra` (the MLflow run id) is stored with every snapshot.
+    `extra` (the MLflow run id) is stored with every snapshot. `readonly`: a multi-worker training's
+    non-chief workers read the chief's backup (on a shared filesystem) to resume with it, and never write.
     """
 
-    def __init__(self, folder, key: str, extra: dict | None = None):
-        self.folder, self.key, self.extra = Path(folder), key, dict(extra or {})
+    def __init__(self, folder, key: str, extra: dict | None = None, readonly: bool = False):
+        self.folder, self.key, self.extra, self.readonly = Path(folder), key, dict(extra or {}), readonly
 
     def latest(self) -> Snapshot | None:
         """The newest complete snapshot of this training; None (and the folder removed) if it holds another's."""
@@ -481,13 +495,17 @@ class Backup:
         except (OSError, ValueError):  # renamed into place whole, so only a damaged disk gets here
             state = {}
         if state.get("key") != self.key:
-            log.info("train: discarding %s, the backup of a training with other params, data or code", self.folder)
-            shutil.rmtree(self.folder, ignore_errors=True)
+            if not self.readonly:
+                log.info("train: discarding %s, the backup of a training with other params, data or code",
+                         self.folder)
+                shutil.rmtree(self.folder, ignore_errors=True)
             return None
         return Snapshot(snapshots[-1].parent, state)
 
     def save(self, epoch: int, state: dict, arrays: dict[str, list], files: dict[str, Path]) -> None:
         """Write snapshot `epoch`: state.json, one .npz per entry of `arrays`, copies of `files`; drop older ones."""
+        if self.readonly:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".epoch-", suffix=".tmp", dir=self.folder))
         for name, values in arrays.items():
@@ -504,7 +522,8 @@ class Backup:
                 shutil.rmtree(older, ignore_errors=True) if older.is_dir() else older.unlink(missing_ok=True)
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        if not self.readonly:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _load_arrays(path: Path) -> list[np.ndarray]:
@@ -524,8 +543,8 @@ def _decode(value):
     return np.dtype(value["dtype"]).type(value["value"]) if isinstance(value, dict) else value
 
 
-def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2, backup: Backup | None = None
-                ) -> TrainResult:
+def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2, backup: Backup | None = None,
+                placement=None) -> TrainResult:
     """Fit the network on `data`; `on_epoch(row)` is called after every epoch (MLflow logging).
 
     The network is model.*'s, starting from train.initial_model's weights when that is set. The
@@ -538,60 +557,85 @@ def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2, ba
     again with each restored row (the caller skips those it has). It is left in place: the caller
     clears it once the outputs are saved. With train.deterministic the result equals an uninterrupted
     run's, bitwise.
+
+    placement: where to train (distribute.place); default: as train.distribute and train.device say. A
+    multi-worker training's every worker calls this with the same arguments (a non-chief worker with a
+    read-only backup and no on_epoch).
     """
     import keras
 
+    from pipeline import distribute
     from pipeline.hardware import resolve_precision
 
-    precision, reason = resolve_precision(cfg.train.precision)
+    if placement is None:  # first: a multi-worker strategy must come before any other TF op
+        placement = distribute.place(cfg.train.distribute, cfg.train.device)
+    if cfg.train.batch_size % placement.replicas:
+        raise PipelineError(f"train.batch_size = {cfg.train.batch_size} is not divisible by the {placement.replicas} "
+                            f"replicas of train.distribute = {placement.distribute} (it is the global batch, "
+                            "split evenly over the replicas)")
+    precision, reason = resolve_precision(cfg.train.precision, placement.device)
     before = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(precision)  # layers take it when they are built
     try:
-        result = _fit(cfg, data, on_epoch, verbose, backup)
+        result = _fit(cfg, data, on_epoch, verbose, backup, placement)
     finally:
         keras.mixed_precision.set_global_policy(before)
     result.precision, result.precision_reason = precision, reason
+    result.distribute, result.strategy = placement.distribute, type(placement.strategy).__name__
+    result.device = placement.device
+    result.replicas, result.workers = placement.replicas, placement.cluster.workers
     return result
 
 
-def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int, backup: Backup | None) -> TrainResult:
+def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int, backup: Backup | None, placement) -> TrainResult:
     import keras
 
+    from pipeline.distribute import gather_from_workers, lost_worker
     from pipeline.models import build_model
     from pipeline.tracking import epoch_callback
 
     seed_everything(cfg.seed, cfg.train.deterministic)
     num_classes = len(data.class_names)
-    network = build_model(cfg.model, data.input_shape, num_classes)
-    if cfg.train.initial_model:
-        load_initial_weights(network, cfg.train.initial_model)
-
-    batch = cfg.train.batch_size
+    batch = cfg.train.batch_size  # the global batch
     steps_per_epoch = math.ceil(len(data.train_x) / batch)
-    schedule = learning_rate_schedule(cfg.optimizer, steps_per_epoch, cfg.train.epochs)
-    scaled = None
-    if schedule is not None and cfg.callbacks.reduce_lr.enabled:
-        scaled = schedule = _keras_classes().ScaledSchedule(schedule, cfg.optimizer.learning_rate)
     smoothing = cfg.train.label_smoothing
     # Keras 3's SparseCategoricalCrossentropy has no label_smoothing: smoothing needs one-hot labels.
     if smoothing:
         loss, one_hot = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing), num_classes
     else:  # the integer labels as they are
         loss, one_hot = "sparse_categorical_crossentropy", None
-    network.compile(optimizer=build_optimizer(cfg.optimizer, schedule), loss=loss, metrics=["accuracy"])
+    with placement.strategy.scope():  # the network's, the optimizer's and the metrics' variables: per replica
+        network = build_model(cfg.model, data.input_shape, num_classes)
+        if cfg.train.initial_model:
+            load_initial_weights(network, cfg.train.initial_model)
+        schedule = learning_rate_schedule(cfg.optimizer, steps_per_epoch, cfg.train.epochs)
+        scaled = None
+        if schedule is not None and cfg.callbacks.reduce_lr.enabled:
+            scaled = schedule = _keras_classes().ScaledSchedule(schedule, cfg.optimizer.learning_rate)
+        network.compile(optimizer=build_optimizer(cfg.optimizer, schedule), loss=loss, metrics=["accuracy"])
 
     snapshot = backup.latest() if backup is not None else None
+    resume_from = snapshot.state["epoch"] if snapshot is not None else 0
+    resumes = gather_from_workers(placement, resume_from)  # every worker must start from the same epoch
+    if len(set(resumes)) > 1:
+        raise PipelineError(
+            f"the workers would resume from different epochs ({', '.join(map(str, resumes))}, by worker): a "
+            f"multi-worker training resumes only when every worker sees the chief's backup {backup.folder} "
+            "(a shared filesystem); delete it on the chief to train from the start")
     state = snapshot.state if snapshot is not None else {"epoch": 0, "stop": False, "rows": [], "train_seconds": 0.0}
     # a training that had stopped early (or run all its epochs) runs none: fit only ends it (restores the best)
     first_epoch = cfg.train.epochs if state["stop"] else state["epoch"]
+    # outside the strategy's scope: its seed generators are plain variables that the input pipeline resets
     augment = build_augmenter(cfg.augment, cfg.seed)
     train_ds = make_dataset(data.train_x, data.train_y, data.stats, batch, shuffle=True, seed=cfg.seed,
                             num_classes=one_hot, augment=augment, epochs=(first_epoch, cfg.train.epochs))
     val_ds = make_dataset(data.val_x, data.val_y, data.stats, batch, shuffle=False, num_classes=one_hot)
+    _fit_under_strategy(network, train_ds.element_spec, placement.strategy)
     recorder = epoch_callback()
     recorder.rows = [dict(row) for row in state["rows"]]
     callbacks = [recorder, *build_callbacks(cfg.callbacks, scaled)]
     stopper = next((cb for cb in callbacks if isinstance(cb, keras.callbacks.EarlyStopping)), None)
+    # every worker's own best-epoch checkpoint (Keras writes it on each): in scratch, deleted when fit ends
     with tempfile.TemporaryDirectory(prefix="pipeline-checkpoint-") as scratch:
         checkpoint = None
         if cfg.callbacks.checkpoint.enabled:
@@ -604,7 +648,8 @@ def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int, backup: Backup | N
         stateful = [cb for cb in callbacks if cb is not recorder]
         variables = network.variables  # weights and the layers' seed generators (dropout)
         if snapshot is not None:
-            network.optimizer.build(network.trainable_variables)
+            with placement.strategy.scope():
+                network.optimizer.build(network.trainable_variables)
             _restore_variables(snapshot, variables + network.optimizer.variables, scaled)
             if checkpoint is not None and (snapshot.folder / "best.weights.h5").is_file():
                 shutil.copyfile(snapshot.folder / "best.weights.h5", checkpoint.filepath)
@@ -612,17 +657,25 @@ def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int, backup: Backup | N
         if on_epoch is not None:
             for row in recorder.rows:
                 on_epoch(row)
-        if backup is not None:
+        if backup is not None and not backup.readonly:
             callbacks.append(_keras_classes().BackupState(backup, snapshot, stateful, variables, scaled, recorder))
         if on_epoch is not None:  # after the backup: an epoch is reported once it can be resumed from
             callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: on_epoch(recorder.rows[-1])))
         start = time.perf_counter()
-        network.fit(
-            train_ds, validation_data=val_ds, epochs=cfg.train.epochs, initial_epoch=first_epoch,
-            steps_per_epoch=steps_per_epoch,  # train_ds holds every remaining epoch, each in its own order
-            callbacks=callbacks, verbose=verbose,
-            shuffle=False,  # train_ds shuffles itself every epoch
-        )
+        lost = None
+        try:
+            network.fit(
+                train_ds, validation_data=val_ds, epochs=cfg.train.epochs, initial_epoch=first_epoch,
+                steps_per_epoch=steps_per_epoch,  # train_ds holds every remaining epoch, each in its own order
+                callbacks=callbacks, verbose=verbose,
+                shuffle=False,  # train_ds shuffles itself every epoch
+            )
+        except Exception as exc:
+            lost = lost_worker(exc) if placement.cluster.workers > 1 else None
+            if lost is None:
+                raise
+        if lost is not None:  # raised here, not in the except: TensorFlow's error and the thread pool its frames
+            raise lost        # hold go now, not at exit, where the pool's cleanup prints a traceback
         seconds = state["train_seconds"] + time.perf_counter() - start
         restored = len(recorder.rows)
         if stopper is not None and stopper.restore_best_weights and stopper.best_weights is not None:
@@ -632,6 +685,38 @@ def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int, backup: Backup | N
             restored = checkpoint.best_epoch
     stopped = stopper.stopped_epoch + 1 if stopper is not None and stopper.stopped_epoch else None
     return TrainResult(network, pd.DataFrame(recorder.rows), seconds, stopped, restored, int(state["epoch"]))
+
+
+def _fit_under_strategy(network, element_spec, strategy) -> None:
+    """Work around two ways Keras 3.15's fit fails under tf.distribute (keras-team/keras#20585), on this instance.
+
+    1. For a model made under a strategy, fit and evaluate take the first batch of the distributed dataset
+       and average it over the replicas, `strategy.reduce("MEAN", (x, y))`, to learn its shapes
+       (TensorFlowTrainer._maybe_symbolic_build). A strategy with more than one replica cannot reduce a
+       tuple: "ValueError: Attempt to convert a value (PerReplica:{...}) ... to a Tensor". The shapes are in
+       the dataset's element_spec: build the loss and metrics from that under the scope, as Keras would,
+       and skip Keras' step (which also costs a batch of input).
+    2. With MultiWorkerMirroredStrategy each step's logs are reduced with `strategy.reduce("MEAN", v, axis=0)`,
+       which fails for the scalar loss and metrics ("Invalid reduction dimension 0 for input with 0
+       dimensions"): train_step and test_step return them as vectors of one element, which that reduce
+       averages over the replicas into scalars again.
+    Should these private names change, fit fails loudly again, not silently; the multi-worker test runs it.
+    """
+    import tensorflow as tf
+
+    if getattr(network, "_distribute_strategy", None) is None:  # made outside any scope: Keras builds it itself
+        return
+    with strategy.scope():
+        network._symbolic_build(data_batch=element_spec)
+    network._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        def as_vectors(step):
+            def wrapped(data):
+                return tf.nest.map_structure(lambda v: tf.reshape(v, [1]) if v.shape.rank == 0 else v, step(data))
+            return wrapped
+
+        network.train_step = as_vectors(network.train_step)
+        network.test_step = as_vectors(network.test_step)
 
 
 def _restore_variables(snapshot: Snapshot, variables: list, scaled) -> None:
@@ -704,31 +789,47 @@ def totals(result: TrainResult, n_train: int) -> dict[str, float]:
     }
 
 
-def main(cfg: Config, data_dir, raw_dir, out_dir) -> str:
+def main(cfg: Config, data_dir, raw_dir, out_dir, worker_wait: float | None = None) -> str | None:
     """The stage: train, save the raw-pixel model, log everything to one MLflow run; returns its id.
 
     A training killed before it ended resumes after its last completed epoch when the stage runs again
     with the same params, data and code: its state is backed up in resume_folder(out_dir) after every
     epoch (removed once the outputs are saved), and it continues the same MLflow run.
+
+    With train.distribute = multi_worker every worker runs this; a non-chief worker trains, writes and logs
+    nothing, and returns None. worker_wait: seconds to wait for every worker to start (distribute.WORKER_WAIT).
     """
     import mlflow
 
-    from pipeline import fetch, tracking
+    from pipeline import distribute, fetch, tracking
     from pipeline.files import atomic_path, read_json, write_json
     from pipeline.models import raw_input_model
     from pipeline.preprocess import load_prepared
 
+    # What can fail does so before the workers meet (a worker that fails after would leave the others waiting):
+    # the cluster (TF_CONFIG), the store, the data, the device (the checks that need no TensorFlow first).
+    # No TF op runs before the strategy exists.
+    where = distribute.cluster(cfg.train.distribute)
+    wait = distribute.WORKER_WAIT if worker_wait is None else worker_wait
+    if not where.chief:
+        data = load_prepared(data_dir)
+        placement = distribute.place(cfg.train.distribute, cfg.train.device, where, wait_seconds=wait)
+        backup = Backup(resume_folder(out_dir), resume_key(cfg, data), readonly=True)
+        train_model(cfg, data, verbose=0, backup=backup, placement=placement)
+        return None
     experiment = tracking.connect(cfg)  # an unreachable store fails here, before anything is loaded or trained
     data = load_prepared(data_dir)
     manifest = read_json(Path(raw_dir) / "manifest.json")
     digest = fetch.dataset_digest(manifest)
+    placement = distribute.place(cfg.train.distribute, cfg.train.device, where, wait_seconds=wait)
     backup = Backup(resume_folder(out_dir), resume_key(cfg, data))
     snapshot = backup.latest()
     resumed = snapshot.state["extra"].get("run_id") if snapshot is not None else None
     if resumed and not tracking.run_in_experiment(resumed, experiment.experiment_id):
         resumed = None  # another store or experiment: a new run, given every epoch
 
-    tags = {**tracking.git_state(), **tracking.environment_tags(), "data.digest": digest, "data.source": cfg.data.source}
+    tags = {**tracking.git_state(), **tracking.environment_tags(placement.tag), "data.digest": digest,
+            "data.source": cfg.data.source}
     with tracking.run_scope(cfg, run_id=resumed, tags=tags) as run_id:
         backup.extra["run_id"] = run_id
         mlflow.set_tags(tags)  # also on a run that `mlflow run` created
@@ -746,7 +847,7 @@ def main(cfg: Config, data_dir, raw_dir, out_dir) -> str:
 
         with atomic_path(out_dir) as tmp:
             tmp.mkdir()
-            result = train_model(cfg, data, on_epoch=log_epoch, backup=backup)
+            result = train_model(cfg, data, on_epoch=log_epoch, backup=backup, placement=placement)
             model = raw_input_model(result.network, data.stats)
             model.save(tmp / "model.keras")
             result.history.to_csv(tmp / "history.csv", index=False)
@@ -763,6 +864,15 @@ def main(cfg: Config, data_dir, raw_dir, out_dir) -> str:
                 "derived.input_shape": "x".join(map(str, data.input_shape)),
                 "derived.raw_shape": "x".join(map(str, data.stats["raw_shape"])),
                 "derived.num_classes": len(data.class_names),
+                # as used: the global batch split over the replicas, the learning rate as given (not scaled)
+                "derived.distribute": result.distribute,
+                "derived.strategy": result.strategy,
+                "derived.device": result.device,
+                "derived.workers": result.workers,
+                "derived.replicas": result.replicas,
+                "derived.global_batch_size": cfg.train.batch_size,
+                "derived.per_replica_batch_size": cfg.train.batch_size // result.replicas,
+                "derived.learning_rate": cfg.optimizer.learning_rate,
             })
             mlflow.set_tag("precision.reason", result.precision_reason)
             mlflow.log_metrics({**facts, **totals(result, len(data.train_x))})
