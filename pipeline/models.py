@@ -327,6 +327,13 @@ def raw_input_model(network, stats: dict):
     """
     import keras
 
+    if getattr(network, "compiled", False):
+        # an uncompiled copy: the saved model carries layers and weights, not the training optimizer, whose
+        # learning-rate schedule may be a class of ours (ScaledSchedule) that keras.models.load_model,
+        # `mlflow models serve` or a user's script could not rebuild
+        # (from its config, not keras.models.clone_model, which compiles the copy as the original was)
+        trained, network = network, keras.Model.from_config(network.get_config())
+        network.set_weights(trained.get_weights())
     inputs = keras.Input(shape=tuple(stats["raw_shape"]), dtype="uint8", name="pixels")
     x = keras.layers.Identity(dtype="float32", name="to_float")(inputs)
     for layer in pixel_layers(stats["raw_shape"], stats["input_shape"]):

@@ -427,3 +427,14 @@ def test_auto_precision_says_why_and_picks_a_policy_keras_knows(data):
     elif "avx512_bf16" not in flags:
         assert policy == "float32" and "without" in reason
     assert train_model(config(), data, verbose=0).precision == policy  # auto is the default
+
+
+def test_the_saved_model_loads_with_plain_keras_whatever_the_schedule(data, tmp_path):
+    """A schedule scaled by the plateau callback (our ScaledSchedule) stays out of the saved model."""
+    result = train_model(config("callbacks.reduce_lr.enabled=true"), data, verbose=0)
+    assert type(result.network.optimizer.learning_rate).__name__ != "float"
+    wrapper = raw_input_model(result.network, data.stats)
+    assert wrapper.get_layer("network").name == "network" and not wrapper.get_layer("network").compiled
+    wrapper.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    assert np.array_equal(loaded.predict(data.val_x, verbose=0), predict_probs(result.network, data.val_x, data.stats))
