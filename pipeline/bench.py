@@ -375,19 +375,19 @@ def copy_project(repo: Path, params: str, overrides: list[str]) -> Path:
     tree = apply_overrides(yaml.safe_load(Path(params).read_text()), overrides)
     (repo / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=bench@localhost", "-c", "user.name=bench", "add", "-A"],
-                ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
         _run(cmd, repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "-c", "user.email=bench@localhost", "-c", "user.name=bench", "commit", "-qm", "bench"], repo, env)
     return repo
 
 
-def _run(cmd: list[str], cwd: Path, env: dict) -> None:
+def _run(cmd: list[str], cwd: Path, env: dict, shown: list[str] | None = None) -> None:
+    """Run `cmd`; a failure is one line naming `shown` (default: cmd) and its last line of output."""
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
-        raise PipelineError(f"bench: {' '.join(cmd)} failed in {cwd}: {lines[-1] if lines else done.returncode}")
+        raise PipelineError(f"bench: {' '.join(shown or cmd)} failed in {cwd}: {lines[-1] if lines else done.returncode}")
 
 
 # Run a command and write the peak resident memory of its largest process (KiB). A process forked from this
@@ -403,11 +403,7 @@ sys.exit(code)
 def _run_measuring_peak(cmd: list[str], cwd: Path, env: dict) -> int:
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-peak-") as tmp:
         report = Path(tmp) / "peak"
-        done = subprocess.run([sys.executable, "-c", PEAK_LAUNCHER, str(report), *cmd], cwd=cwd, env=env,
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            lines = (done.stderr or done.stdout).strip().splitlines()
-            raise PipelineError(f"bench: {' '.join(cmd)} failed in {cwd}: {lines[-1] if lines else done.returncode}")
+        _run([sys.executable, "-c", PEAK_LAUNCHER, str(report), *cmd], cwd, env, shown=cmd)
         return int(report.read_text())
 
 
