@@ -562,7 +562,22 @@ class Config(Section):
         return flatten(self.model_dump(mode="json"))
 
     def tracking_uri(self) -> str:
-        return os.environ.get("MLFLOW_TRACKING_URI") or self.mlflow.tracking_uri
+        """MLFLOW_TRACKING_URI, else mlflow.tracking_uri; a relative SQLite path is the project's (see below)."""
+        return project_store(os.environ.get("MLFLOW_TRACKING_URI") or self.mlflow.tracking_uri)
+
+
+def project_store(uri: str) -> str:
+    """A relative `sqlite:///<path>` made absolute against DVC_ROOT when DVC runs the stage.
+
+    DVC sets DVC_ROOT for every stage command to the project's root, also when `dvc exp run --queue` or
+    `--temp` runs the stages in a copy under .dvc/tmp/exps: there a path relative to the working directory
+    would put the runs in the copy's own mlflow.db, deleted with it.
+    """
+    root = os.environ.get("DVC_ROOT")
+    prefix = "sqlite:///"
+    if root and uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
+        return prefix + os.path.join(os.path.abspath(root), uri[len(prefix):])
+    return uri
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -68,7 +68,7 @@ def connect(cfg: Config):
     uri = cfg.tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        with _quick_http():
+        with _quick_http(), _opening_database(uri):
             experiment = mlflow.set_experiment(cfg.mlflow.experiment_name)
     except Exception as exc:  # any store error: unreachable server, bad URI, locked database
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -77,6 +77,46 @@ def connect(cfg: Config):
         first = f"cannot be reached ({reason.group(0)})" if reason else f"cannot be used: {first}"
         raise PipelineError(f"MLflow tracking store {uri!r} {first}") from None
     return experiment
+
+
+@contextlib.contextmanager
+def _opening_database(uri: str) -> Iterator[None]:
+    """For a SQLite store: one process at a time, working from the database's folder, while MLflow opens it.
+
+    - Processes that start together (`dvc queue start -j 2`, parallel sweep trials) would otherwise race
+      to create the schema or the experiment ("table ... already exists", a unique-constraint error). An
+      exclusive lock on the database's folder (flock works on a directory) serialises the opening.
+    - MLflow resolves a SQLite store's default artifact root, `./mlruns`, against the working directory
+      when it first opens the store, and an experiment created then keeps that location. Opening it from
+      the database's folder keeps the artifacts beside the database, also for a stage that DVC runs in a
+      temporary copy of the project (`dvc exp run --queue`), which is deleted afterwards.
+    """
+    import fcntl
+
+    prefix = "sqlite:///"
+    folder = os.path.dirname(os.path.abspath(uri[len(prefix):])) if uri.startswith(prefix) else ""
+    if not folder or not os.path.isdir(folder) or uri == prefix + ":memory:":
+        yield
+        return
+    here = os.getcwd()
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.chdir(folder)
+        yield
+    finally:
+        os.chdir(here)
+        os.close(descriptor)  # releases the lock
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """The DVC experiment that runs this stage (`dvc exp run`, queued or not), as run tags; {} outside one."""
+    tags = {}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc.baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return tags
 
 
 def process_alive(pid: int) -> bool:
@@ -148,9 +188,12 @@ def last_logged_epoch(run_id: str) -> int:
 
 
 def default_run_name(cfg: Config) -> str:
-    return cfg.mlflow.run_name or (
-        f"{cfg.model.name}-{cfg.optimizer.name}-lr{cfg.optimizer.learning_rate:g}-bs{cfg.train.batch_size}"
-    )
+    """mlflow.run_name, else `<model>-<optimizer>-lr<rate>-bs<batch>`, after the DVC experiment's name in one."""
+    if cfg.mlflow.run_name:
+        return cfg.mlflow.run_name
+    name = f"{cfg.model.name}-{cfg.optimizer.name}-lr{cfg.optimizer.learning_rate:g}-bs{cfg.train.batch_size}"
+    experiment = os.environ.get("DVC_EXP_NAME")
+    return f"{experiment}: {name}" if experiment else name
 
 
 def git_state(cwd: str | None = None) -> dict[str, str]:
@@ -218,7 +261,7 @@ def run_scope(cfg: Config, run_id: str | None = None, tags: dict | None = None) 
         return
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
     fail_abandoned_runs(experiment.experiment_id, keep=run_id)
-    owner = {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
+    owner = {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid()), **dvc_experiment_tags()}
     if run_id:
         active = mlflow.start_run(run_id=run_id)
         mlflow.set_tags(owner)

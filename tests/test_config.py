@@ -65,3 +65,18 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: line 1 is not valid YAML|bad.yaml: line 2 is not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("sqlite:///mlflow.db", "sqlite:////proj/root/mlflow.db"),  # relative: the project's, not the copy's
+    ("sqlite:///sub/m.db", "sqlite:////proj/root/sub/m.db"),
+    ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+])
+def test_a_relative_sqlite_store_is_the_dvc_projects(monkeypatch, uri, expected):
+    from pipeline.config import project_store
+
+    monkeypatch.setenv("DVC_ROOT", "/proj/root")
+    assert project_store(uri) == expected
+    monkeypatch.delenv("DVC_ROOT")
+    assert project_store(uri) == uri  # outside DVC, MLflow's own meaning (relative to the working directory)
