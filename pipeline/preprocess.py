@@ -91,25 +91,47 @@ def pixel_layers(raw_shape, input_shape) -> list:
 
 
 def to_pixels(images: np.ndarray, layers: list, batch: int = BATCH) -> np.ndarray:
-    """Run `pixel_layers` over uint8 images in batches; returns uint8."""
+    """Run `pixel_layers` over uint8 images in batches; returns uint8.
+
+    The last layer, the Discretization that rounds, is done here by `round_pixels` instead: the same
+    integers (a test compares them), several times faster than TensorFlow's bucketize over 255 boundaries.
+    """
     if not layers:
         return images
+    layers = layers[:-1] if layers[-1].name == "round" else layers
     out = []
     for start in range(0, len(images), batch):
         x = images[start : start + batch].astype("float32")
         for layer in layers:
             x = layer(x)
-        out.append(np.asarray(x).astype("uint8"))
+        out.append(round_pixels(np.asarray(x)))
     return np.concatenate(out) if out else np.zeros((0,), dtype="uint8")
 
 
+def round_pixels(x: np.ndarray) -> np.ndarray:
+    """float32 pixels to uint8 as `pixel_layers`' Discretization (boundaries at k + 0.5) rounds them:
+    halves up, clipped to 0..255. The 0.5 is added in float64, where x + 0.5 is exact for every float32 x
+    (in float32, 0.5 - 2**-25 + 0.5 would round up to 1)."""
+    return (np.clip(x, 0, 255).astype("float64") + 0.5).astype("uint8")  # the cast truncates: floor for x >= 0
+
+
 def normalization_stats(train_pixels: np.ndarray, method: str) -> tuple[list[float], list[float]]:
-    """Per-channel mean and variance for keras.layers.Normalization: (x - mean) / sqrt(variance)."""
+    """Per-channel mean and variance for keras.layers.Normalization: (x - mean) / sqrt(variance).
+
+    From each channel's histogram of its 256 values: exact integer sums, one pass over uint8 (a float64
+    copy of 48,000 48x48 images would be 0.9 GB)."""
     channels = train_pixels.shape[-1]
     if method == "scale01":
         return [0.0] * channels, [255.0**2] * channels
-    flat = train_pixels.reshape(-1, channels).astype("float64")
-    return flat.mean(axis=0).tolist(), flat.var(axis=0).tolist()
+    flat = train_pixels.reshape(-1, channels)
+    values = np.arange(256, dtype="float64")
+    means, variances = [], []
+    for channel in range(channels):
+        counts = np.bincount(flat[:, channel], minlength=256).astype("float64")
+        mean = float(counts @ values / counts.sum())
+        means.append(mean)
+        variances.append(float(counts @ (values - mean) ** 2 / counts.sum()))
+    return means, variances
 
 
 def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int):

@@ -98,3 +98,21 @@ def test_raw_pixel_model_equals_network_on_preprocessed_arrays(tmp_path, raw_sha
     reloaded = keras.models.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(reloaded.predict(raw.test_x, verbose=0), on_raw, atol=1e-6)
     assert reloaded.input.dtype == "uint8"
+
+
+def test_round_pixels_equals_the_saved_models_discretization():
+    """The stage rounds in NumPy; the saved model rounds with pixel_layers' Discretization: same integers,
+    at the halves, just below them, and at float32's awkward 0.5 - 2**-25."""
+    import keras
+
+    from pipeline.preprocess import round_pixels
+
+    layer = pixel_layers((4, 4, 1), (8, 8, 1))[-1]
+    assert isinstance(layer, keras.layers.Discretization)
+    halves = np.arange(256, dtype="float32") + np.float32(0.5)
+    x = np.concatenate([
+        halves, np.nextafter(halves, np.float32(0)), np.nextafter(halves, np.float32(300)),
+        np.float32([0, 0.5 - 2**-25, 0.25, 254.99, 255, 255.49, 255.5, 256, -0.3]),
+        np.random.default_rng(0).uniform(0, 255, 10_000).astype("float32"),
+    ]).reshape(1, -1, 1, 1)
+    assert np.array_equal(round_pixels(x), np.asarray(layer(x)).astype("uint8"))
