@@ -134,7 +134,8 @@ def best_run(client, experiment: str, metric: str, filter_string: str | None = N
     from mlflow.exceptions import MlflowException
 
     exp_id = experiment_id(client, experiment)
-    conditions = ["attributes.status = 'FINISHED'"] + ([f"({filter_string})"] if filter_string else [])
+    # MLflow's filters have AND only, and no parentheses: the user's clauses join ours as they are
+    conditions = ["attributes.status = 'FINISHED'"] + ([filter_string] if filter_string else [])
     # the store sorts runs without the metric (NULL) after every value, and NaN after numbers
     order = [f"metrics.`{metric}` {'ASC' if minimised(metric) else 'DESC'}", "attributes.start_time ASC"]
     token, seen_metric = None, False
