@@ -117,13 +117,15 @@ def test_class_names_from_the_runs_manifest_are_tagged(experiment, store_uri):
     assert json.loads(client.get_model_version(name, "1").tags["class_names"]) == ["cat", "dog"]
 
 
-def pipeline_cli(monkeypatch, capsys, store_uri: str, *args: str) -> tuple[int, str, str]:
-    """`pipeline ARGS` through cli.main in this process (the command's own code path, without a Python
-    start-up per case): (exit status, stdout, stderr)."""
+def pipeline_cli(monkeypatch, capsys, *args: str, store_uri: str | None = None,
+                 params=ROOT / "params.yaml") -> tuple[int, str, str]:
+    """`pipeline --params PARAMS ARGS` through cli.main in this process (the command's own code path, without
+    a Python start-up per case), MLFLOW_TRACKING_URI set to store_uri if given: (exit status, stdout, stderr)."""
     from pipeline import cli
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
-    monkeypatch.setattr(sys, "argv", ["pipeline", "--params", str(ROOT / "params.yaml"), *args])
+    if store_uri is not None:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
+    monkeypatch.setattr(sys, "argv", ["pipeline", "--params", str(params), *args])
     saved = signal.getsignal(signal.SIGTERM)  # cli sets its own SIGTERM handler
     try:
         cli.main()
@@ -139,7 +141,8 @@ def pipeline_cli(monkeypatch, capsys, store_uri: str, *args: str) -> tuple[int, 
 def test_cli_prints_the_version_and_the_serve_command(experiment, store_uri, monkeypatch, capsys):
     client, name, exp = experiment
     run_id = make_run(client, exp, {"test_accuracy": 0.75})
-    code, out, err = pipeline_cli(monkeypatch, capsys, store_uri, "register", "--name", name, "--experiment", name)
+    code, out, err = pipeline_cli(monkeypatch, capsys, "register", "--name", name, "--experiment", name,
+                                 store_uri=store_uri)
     assert code == 0, err
     assert out.splitlines() == [
         f"register: registered {name} version 1 (alias champion): run {run_id}, test_accuracy = 0.75",
@@ -175,7 +178,7 @@ def test_cli_errors_are_one_line(experiment, store_uri, monkeypatch, capsys, cas
         "bad name": [],
     }[case]
     model_name = "a/b" if case == "bad name" else name
-    code, out, err = pipeline_cli(monkeypatch, capsys, store_uri, "register", "--name", model_name, *args)
+    code, out, err = pipeline_cli(monkeypatch, capsys, "register", "--name", model_name, *args, store_uri=store_uri)
     assert code == 1, out + err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
