@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,9 +239,9 @@ def check_name(name: str, alias: str) -> None:
 
 
 def serve_command(tracking_uri: str, name: str, alias: str, port: int = 5001) -> str:
-    """The command that serves the version holding the alias, from the same store."""
-    return (f"MLFLOW_TRACKING_URI={tracking_uri} mlflow models serve -m 'models:/{name}@{alias}' "
-            f"--env-manager local -h 127.0.0.1 -p {port}")
+    """The shell command that serves the version holding the alias, from the same store."""
+    return (f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} mlflow models serve "
+            f"-m {shlex.quote(f'models:/{name}@{alias}')} --env-manager local -h 127.0.0.1 -p {port}")
 
 
 def main(tracking_uri: str, name: str, *, run_id: str | None = None, metric: str | None = None,

@@ -146,7 +146,7 @@ def test_cli_prints_the_version_and_the_serve_command(experiment, store_uri, mon
     assert code == 0, err
     assert out.splitlines() == [
         f"register: registered {name} version 1 (alias champion): run {run_id}, test_accuracy = 0.75",
-        f"serve it: MLFLOW_TRACKING_URI={store_uri} mlflow models serve -m 'models:/{name}@champion' "
+        f"serve it: MLFLOW_TRACKING_URI={store_uri} mlflow models serve -m models:/{name}@champion "
         "--env-manager local -h 127.0.0.1 -p 5001",
     ]
 
