@@ -239,6 +239,39 @@ def reproduce(ctx: click.Context, run_id: str, allow_dirty: bool, tolerance: flo
     sys.exit(result.exit_code)
 
 
+@cli.command()
+@click.option("--name", required=True, help="The registered model's name (created if new).")
+@click.option("--run", "run_id", default=None, metavar="RUN_ID",
+              help="Register this run's model instead of choosing the best run.")
+@click.option("--metric", default=None, metavar="METRIC",
+              help="Choose the FINISHED run with the best value of this metric that has a logged model "
+                   "(names ending in `loss` lowest, others highest). [default: test_accuracy]")
+@click.option("--experiment", default=None, metavar="NAME",
+              help="Choose among this experiment's runs. [default: mlflow.experiment_name]")
+@click.option("--filter", "filter_string", default=None, metavar="FILTER",
+              help="Only runs matching this MLflow search filter, e.g. \"params.`model.name` = 'cnn'\".")
+@click.option("--alias", default="champion", help="The alias set on the registered version.")
+@click.pass_context
+def register(ctx: click.Context, name: str, run_id: str | None, metric: str | None, experiment: str | None,
+             filter_string: str | None, alias: str) -> None:
+    """Register the best run's model (or --run's) in the MLflow model registry as NAME, with --alias.
+
+    The version is tagged with the run id, the metric and its value, and the class names (index i names
+    probability i). A model already registered as a version of NAME is not registered again: that version
+    gets the alias. `mlflow models serve -m models:/NAME@ALIAS` serves the version holding the alias.
+    """
+    from pipeline import register as stage
+
+    cfg = _config(ctx)
+    done = stage.main(cfg.tracking_uri(), name, run_id=run_id, metric=metric, experiment=experiment,
+                      default_experiment=cfg.mlflow.experiment_name, filter_string=filter_string, alias=alias)
+    what = f"{done.metric} = {done.value}" if done.metric else "chosen by --run"
+    verb = "registered" if done.created else "already registered:"
+    click.echo(f"register: {verb} {done.name} version {done.version} (alias {done.alias}): "
+               f"run {done.run_id}, {what}")
+    click.echo(f"serve it: {stage.serve_command(cfg.tracking_uri(), done.name, done.alias)}")
+
+
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of stage logs
     try:
