@@ -430,9 +430,12 @@ def history_overlay(table: pd.DataFrame, histories, key: str, sort_by: str, path
     shown = _highlighted(n)
     fig = _new_figure((10.0, 5.5))
     ax = fig.add_subplot()
-    for i in reversed(range(shown, n)):  # the rest under the coloured lines
-        steps = histories[table["run_id"][i]][key]
-        ax.plot([s for s, _ in steps], [v for _, v in steps], color="0.75", linewidth=0.8, zorder=1)
+    grey = [histories[table["run_id"][i]][key] for i in range(shown, n)]
+    if grey:  # under the coloured lines; one collection draws faster than a line each
+        from matplotlib.collections import LineCollection
+
+        ax.add_collection(LineCollection([steps for steps in grey if steps], colors="0.75", linewidths=0.8,
+                                         zorder=1))
     for i, colour in zip(range(shown), _colours(shown)):
         steps = histories[table["run_id"][i]][key]
         ax.plot([s for s, _ in steps], [v for _, v in steps], marker="o", markersize=3, color=colour,
@@ -459,13 +462,12 @@ def accuracy_vs_time(table: pd.DataFrame, sort_by: str, path: Path) -> None:
     drawn = table["train_seconds"].notna() & table[column].notna()
     fig = _new_figure((8.0, 5.5))
     ax = fig.add_subplot()
-    colours = _colours(labelled)
-    for i in range(n):
-        if not drawn[i]:
-            continue
-        x, y = table["train_seconds"][i], table[column][i]
-        ax.scatter([x], [y], color=colours[i] if i < labelled else "0.6", s=30 if i < labelled else 12, zorder=2)
-        if i < labelled:
+    rest = drawn & (table.index >= labelled)
+    ax.scatter(table["train_seconds"][rest], table[column][rest], color="0.6", s=12, zorder=1)
+    for i, colour in zip(range(labelled), _colours(labelled)):
+        if drawn[i]:
+            x, y = table["train_seconds"][i], table[column][i]
+            ax.scatter([x], [y], color=colour, s=30, zorder=2)
             ax.annotate(labels[i], (x, y), xytext=(4, 3), textcoords="offset points", fontsize=7)
     title = f"{column} against train time, {int(drawn.sum())} runs"
     notes = []

@@ -171,6 +171,26 @@ def test_more_runs_than_the_legend_holds(store, tmp_path):
     assert len(table) == 25
     paths = compare.write_report(client, runs, tmp_path / "many")
     assert len(pd.read_csv(paths["csv"])) == 25 and paths["val_loss"].stat().st_size > 10_000
+    assert compare._highlighted(25) == compare.HIGHLIGHT and compare._highlighted(20) == 20
+    assert compare._labels(table)[0] == f"{run_a.info.run_name} ({store['a'][:8]})"  # names repeat: id added
+
+
+def test_a_failure_while_writing_leaves_the_previous_report(store, tmp_path):
+    """Logging to a run whose artifact folder cannot be created fails after the files are made: the
+    folder keeps the previous report and no temporary folder is left."""
+    client = store["client"]
+    runs = compare.select_runs(client, run_ids=[store["a"], store["c"]])
+    out = tmp_path / "report"
+    compare.write_report(client, runs, out, sort_by="test_loss")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "a-file").write_text("")
+    experiment = client.create_experiment("unwritable", artifact_location=str(tmp_path / "a-file" / "artifacts"))
+    target = client.create_run(experiment).info.run_id
+    with pytest.raises(OSError):
+        compare.write_report(client, runs, out, log_to=target)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "report"]
+    client.set_terminated(target, "FAILED")
 
 
 # --------------------------------------------------------------------------- selections
