@@ -378,16 +378,27 @@ def metric_histories(client: MlflowClient, run_ids: Sequence[str],
                 for item in store.get_metric_history_bulk(run_ids[start:start + chunk], key, max_results=10**9):
                     histories[item.run_id][key][item.step] = item.value
     else:
-        def one(pair):
-            run_id, key = pair
-            return run_id, key, sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step))
-
-        with ThreadPoolExecutor(HISTORY_THREADS) as pool:
-            for run_id, key, metrics in pool.map(one, [(r, k) for r in run_ids for k in keys]):
-                for metric in metrics:
-                    histories[run_id][key][metric.step] = metric.value
+        return histories_one_by_one(client, run_ids, keys)
     return {run_id: {key: sorted(steps.items()) for key, steps in by_key.items()}
             for run_id, by_key in histories.items()}
+
+
+def histories_one_by_one(client: MlflowClient, run_ids: Sequence[str],
+                         keys: Sequence[str] = HISTORY_METRICS) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """metric_histories through the public client: one get_metric_history call per run and key,
+    HISTORY_THREADS at a time (for stores without a bulk query: a tracking server)."""
+    def one(pair):
+        run_id, key = pair
+        steps = {}
+        for metric in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.timestamp, m.step)):
+            steps[metric.step] = metric.value  # a step logged twice (a resumed training): the last value
+        return run_id, key, sorted(steps.items())
+
+    histories: dict[str, dict[str, list[tuple[int, float]]]] = {run_id: {} for run_id in run_ids}
+    with ThreadPoolExecutor(HISTORY_THREADS) as pool:
+        for run_id, key, steps in pool.map(one, [(r, k) for r in run_ids for k in keys]):
+            histories[run_id][key] = steps
+    return histories
 
 
 # --------------------------------------------------------------------------- plots
@@ -521,5 +532,5 @@ def write_report(client: MlflowClient, runs: Sequence[Run], out_dir, sort_by: st
     return {kind: out_dir / name for kind, name in REPORT_FILES.items()}
 
 
-__all__ = ["REPORT_FILES", "comparison_table", "differing_params", "metric_histories", "select_runs",
-           "write_report"]
+__all__ = ["REPORT_FILES", "comparison_table", "differing_params", "histories_one_by_one", "metric_histories",
+           "open_store", "select_runs", "selection_name", "write_report"]

@@ -119,14 +119,7 @@ def main() -> None:
 
         sequential = best_of(args.repeat, one_by_one)
 
-        def threaded():  # what metric_histories does on a store without the bulk query
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(compare.HISTORY_THREADS) as pool:
-                list(pool.map(lambda pair: client.get_metric_history(*pair),
-                              [(r, k) for r in ids for k in compare.HISTORY_METRICS]))
-
-        pooled = best_of(args.repeat, threaded)
+        pooled = best_of(args.repeat, lambda: compare.histories_one_by_one(client, ids))  # without the bulk query
         ours = best_of(args.repeat, lambda: compare.write_report(
             client, compare.select_runs(client, experiment="bench"), Path(tmp) / "report"))
 

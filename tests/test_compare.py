@@ -193,6 +193,16 @@ def test_a_failure_while_writing_leaves_the_previous_report(store, tmp_path):
     client.set_terminated(target, "FAILED")
 
 
+def test_histories_bulk_equal_one_call_per_run(store):
+    client = store["client"]
+    run_ids = [store[name] for name in ("a", "b", "c", "partial", "parent")]
+    bulk = compare.metric_histories(client, run_ids)
+    assert bulk == compare.histories_one_by_one(client, run_ids)
+    assert [step for step, _ in bulk[store["a"]]["val_loss"]] == [1, 2]
+    assert bulk[store["a"]]["val_loss"][-1][1] == client.get_run(store["a"]).data.metrics["val_loss"]
+    assert bulk[store["parent"]] == {"val_accuracy": [], "val_loss": []}
+
+
 # --------------------------------------------------------------------------- selections
 
 
