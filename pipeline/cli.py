@@ -272,6 +272,48 @@ def register(ctx: click.Context, name: str, run_id: str | None, metric: str | No
     click.echo(f"serve it: {stage.serve_command(cfg.tracking_uri(), done.name, done.alias)}")
 
 
+@cli.command()
+@click.option("--experiment", default=None, metavar="NAME", help="The runs of this experiment.")
+@click.option("--parent", default=None, metavar="RUN_ID",
+              help="The children of this run (a sweep's parent: tag mlflow.parentRunId); the report is logged to it.")
+@click.option("--runs", "run_list", default=None, metavar="ID,ID,...", help="These runs, by id.")
+@click.option("--filter", "filter_string", default=None, metavar="EXPRESSION",
+              help="MLflow search syntax, e.g. \"metrics.test_accuracy > 0.9 and params.`optimizer.name` = 'sgd'\"; "
+                   "within --experiment or --parent when given, else over every experiment.")
+@click.option("--sort", "sort_by", default="test_accuracy", metavar="METRIC",
+              help="A column of the table or any logged metric; names ending in `loss` lowest first, others highest first.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="The report's folder (replaced if it holds a previous report) "
+                   "[default: reports/compare/<experiment-NAME | parent-ID | runs-N-HASH | filter-HASH>]")
+@click.option("--log-to", "log_to", default=None, metavar="RUN_ID",
+              help="Also log the report to this run under comparison/ [default: the --parent run].")
+@click.pass_context
+def compare(ctx: click.Context, experiment: str | None, parent: str | None, run_list: str | None,
+            filter_string: str | None, sort_by: str, out: str | None, log_to: str | None) -> None:
+    """Compare runs: one table (Markdown, CSV, HTML) and plots of val accuracy/loss by epoch and accuracy by time.
+
+    The table holds each run's name, model, optimizer, the params that differ between the runs, train
+    (last epoch), val and test accuracy and loss, epochs, train seconds, seconds per epoch, images per
+    second, parameter count and run id. Runs come from the configured store (MLFLOW_TRACKING_URI, else
+    mlflow.tracking_uri); runs without training metrics (a sweep's parent) are left out, with a line saying so.
+    """
+    from pipeline import compare as stage
+
+    cfg = _config(ctx)
+    run_ids = [part.strip() for part in (run_list or "").split(",") if part.strip()]
+    if run_list is not None and not run_ids:
+        raise PipelineError(f"--runs {run_list!r}: expected run ids separated by commas")
+    selection = {"experiment": experiment, "parent": parent, "run_ids": run_ids, "filter_string": filter_string}
+    client = stage.open_store(cfg.tracking_uri())
+    runs = stage.select_runs(client, **selection)
+    folder = Path(out) if out else Path("reports/compare") / stage.selection_name(**selection)
+    paths = stage.write_report(client, runs, folder, sort_by=sort_by, log_to=log_to or parent)
+    click.echo(paths["markdown"].read_text().rstrip())
+    click.echo(f"compare: {len(runs)} runs selected -> " + ", ".join(str(p) for p in paths.values()))
+    if log_to or parent:
+        click.echo(f"compare: logged to run {log_to or parent} under {stage.ARTIFACT_PATH}/")
+
+
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of stage logs
     try:

@@ -6,3 +6,10 @@ class PipelineError(Exception):
 
     The message names the file, row, column or key and what was expected.
     """
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first line of an error's message (MLflow's `.message` when it has one), else its type's name."""
+    text = exc if isinstance(exc, str) else (getattr(exc, "message", None) or str(exc))
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else ("" if isinstance(exc, str) else type(exc).__name__)

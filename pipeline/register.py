@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 MODEL_NAME = "model"  # the `name` train.log_model gives the logged model
 DEFAULT_METRIC = "test_accuracy"
@@ -54,30 +53,14 @@ def minimised(metric: str) -> bool:
     return metric.endswith("loss")
 
 
-def _first_line(exc: Exception) -> str:
-    text = getattr(exc, "message", None) or str(exc)
-    lines = text.strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def connect(tracking_uri: str):
     """A client of the store, checked with one quick request: an unreachable server fails in one line."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import _quick_http
+    from pipeline.tracking import open_store
 
     mlflow.set_tracking_uri(tracking_uri)  # the registry too: its URI defaults to the tracking URI
-    client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        with _quick_http():
-            client.search_experiments(max_results=1)
-    except Exception as exc:  # any store error: unreachable server, bad URI, locked database
-        first = _first_line(exc)
-        reason = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out|timed out", first)
-        first = f"cannot be reached ({reason.group(0)})" if reason else f"cannot be used: {first}"
-        raise PipelineError(f"MLflow tracking store {tracking_uri!r} {first}") from None
-    return client
+    return open_store(tracking_uri)
 
 
 def logged_model(client, run) -> Any | None:
@@ -104,7 +87,7 @@ def get_run(client, run_id: str, metric: str | None = None) -> Candidate:
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise PipelineError(f"run {run_id!r} not found in the tracking store {uri}") from None
-        raise PipelineError(f"run {run_id!r}: the tracking store {uri} failed: {_first_line(exc)}") from None
+        raise PipelineError(f"run {run_id!r}: the tracking store {uri} failed: {first_line(exc)}") from None
     if run.info.lifecycle_stage != "active":
         raise PipelineError(f"run {run_id} is deleted")
     if run.info.status != "FINISHED":
@@ -146,7 +129,7 @@ def best_run(client, experiment: str, metric: str, filter_string: str | None = N
                                       max_results=PAGE, page_token=token)
         except MlflowException as exc:
             what = f"--filter {filter_string!r}" if filter_string else f"--metric {metric!r}"
-            raise PipelineError(f"{what}: {_first_line(exc)}") from None
+            raise PipelineError(f"{what}: {first_line(exc)}") from None
         for run in page:
             value = run.data.metrics.get(metric)
             if value is None or math.isnan(value):
@@ -213,7 +196,7 @@ def register(client, candidate: Candidate, name: str, alias: str = DEFAULT_ALIAS
                 client.delete_model_version_tag(name, version.version, key)
         client.set_registered_model_alias(name, alias, version.version)
     except MlflowException as exc:
-        raise PipelineError(f"registering run {run_id} as {name!r} (alias {alias!r}): {_first_line(exc)}") from None
+        raise PipelineError(f"registering run {run_id} as {name!r} (alias {alias!r}): {first_line(exc)}") from None
     return Registration(name, str(version.version), alias, run_id, model_id, candidate.metric, candidate.value,
                         created)
 
@@ -228,14 +211,14 @@ def check_name(name: str, alias: str) -> None:
     try:
         _validate_model_name(name)
     except MlflowException as exc:
-        raise PipelineError(f"--name {name!r}: {_first_line(exc)}") from None
+        raise PipelineError(f"--name {name!r}: {first_line(exc)}") from None
     if "@" in name or "'" in name:
         raise PipelineError(f"--name {name!r}: expected a name without '@' or quotes (models:/NAME@ALIAS)")
     try:
         _validate_model_alias_name(alias)
         _validate_model_alias_name_reserved(alias)  # `latest` and v<number> mean versions in models:/NAME@...
     except MlflowException as exc:
-        raise PipelineError(f"--alias {alias!r}: {_first_line(exc)}") from None
+        raise PipelineError(f"--alias {alias!r}: {first_line(exc)}") from None
 
 
 def serve_command(tracking_uri: str, name: str, alias: str, port: int = 5001) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.config import Config
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds")
 
@@ -71,12 +71,35 @@ def connect(cfg: Config):
         with _quick_http(), _opening_database(uri):
             experiment = mlflow.set_experiment(cfg.mlflow.experiment_name)
     except Exception as exc:  # any store error: unreachable server, bad URI, locked database
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        # a refused or timed-out connection: its reason, not urllib3's paragraph about retries
-        reason = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out|timed out", first)
-        first = f"cannot be reached ({reason.group(0)})" if reason else f"cannot be used: {first}"
-        raise PipelineError(f"MLflow tracking store {uri!r} {first}") from None
+        raise store_error(uri, exc) from None
     return experiment
+
+
+def open_store(uri: str, must_exist: bool = False):
+    """A client of the store at `uri`, checked like `connect` but creating no experiment (for commands
+    that read runs: compare, register). must_exist: a SQLite file that does not exist is an error, not a
+    new empty store."""
+    from mlflow.tracking import MlflowClient
+
+    if must_exist and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise PipelineError(f"MLflow tracking store {uri!r}: no such file (set MLFLOW_TRACKING_URI or "
+                            f"mlflow.tracking_uri to the store the runs are in)")
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        with _quick_http(), _opening_database(uri):
+            client.search_experiments(max_results=1)
+    except Exception as exc:  # any store error: unreachable server, bad URI, not an MLflow database
+        raise store_error(uri, exc) from None
+    return client
+
+
+def store_error(uri: str, exc: Exception) -> PipelineError:
+    """One line for a store that failed its first request: a refused or timed-out connection's reason
+    (not urllib3's paragraph about retries), else the error's first line."""
+    first = first_line(exc)
+    reason = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out|timed out", first)
+    first = f"cannot be reached ({reason.group(0)})" if reason else f"cannot be used: {first}"
+    return PipelineError(f"MLflow tracking store {uri!r} {first}")
 
 
 @contextlib.contextmanager
