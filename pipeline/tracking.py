@@ -312,7 +312,9 @@ def run_description(cfg: Config, input_shape, precision: str) -> str:
         rate.append(f"{opt.schedule.warmup_epochs:g}-epoch warm-up")
     if cfg.callbacks.reduce_lr.enabled:
         rate.append(f"x{cfg.callbacks.reduce_lr.factor:g} on {cfg.callbacks.reduce_lr.monitor} plateau")
-    epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}" + (", early stopping" if cfg.callbacks.early_stopping.enabled else "")
+    epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}"
+    if cfg.callbacks.early_stopping.enabled:
+        epochs += ", early stopping"
     return (f"{cfg.model.name} · {', '.join(rate)} · batch {cfg.train.batch_size} · {epochs}\n"
             f"{cfg.data.source}, {'x'.join(map(str, input_shape))} · precision {precision}")
 
