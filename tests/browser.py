@@ -23,6 +23,10 @@ from pathlib import Path
 INSTALL_HINT = "apt-get install chromium (Debian's package; .ci/run installs it as root)"
 
 
+class CommandError(RuntimeError):
+    """Chromium answered a protocol command with an error (e.g. no page context to evaluate in, mid-navigation)."""
+
+
 def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -56,10 +60,14 @@ class Chromium:
         os.close(from_browser)
         self._buffer = b""
         self._id = 0
-        target = self._command("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self._session = self._command("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        self.command("Emulation.setDeviceMetricsOverride",
-                     {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        try:
+            target = self._command("Target.createTarget", {"url": "about:blank"})["targetId"]
+            self._session = self._command("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            self.command("Emulation.setDeviceMetricsOverride",
+                         {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> Chromium:
         return self
@@ -99,7 +107,7 @@ class Chromium:
             reply = self._next_message(deadline, method)
             if reply.get("id") == self._id:  # anything else is an event, which we do not follow
                 if "error" in reply:
-                    raise RuntimeError(f"chromium: {method}: {reply['error'].get('message')}")
+                    raise CommandError(f"chromium: {method}: {reply['error'].get('message')}")
                 return reply.get("result", {})
 
     def _next_message(self, deadline: float, method: str) -> dict:
@@ -134,10 +142,16 @@ class Chromium:
     def wait_for(self, expression: str, what: str, timeout: float = 120) -> None:
         """Wait until the JavaScript `expression` is truthy; fail naming `what` and showing the page's text."""
         deadline = time.monotonic() + timeout
-        while not self.evaluate(f"Boolean({expression})"):
+        while not self._true(expression):
             if time.monotonic() > deadline:
                 raise AssertionError(f"after {timeout:g} s the page still lacks {what}; its text:\n{self.text()[:3000]}")
             time.sleep(0.5)
+
+    def _true(self, expression: str) -> bool:
+        try:
+            return bool(self.evaluate(f"Boolean({expression})"))
+        except CommandError:  # the page between two documents: no context to evaluate in, yet
+            return False
 
     def wait_for_text(self, *texts: str, timeout: float = 120) -> None:
         checks = " && ".join(f"document.body.innerText.includes({json.dumps(text)})" for text in texts)

@@ -71,7 +71,8 @@ def test_a_runs_page_shows_its_description_params_and_metrics(ui):
     run = ui.runs["adam"]
     description = run.data.tags[DESCRIPTION_TAG]
     first, *rest = description.splitlines()
-    assert first == f"cnn · adam, lr 0.005, cosine decay · batch 64 · {EPOCHS} epochs" and rest[-1].startswith("result: ")
+    assert first == f"cnn · adam, lr 0.005, cosine decay · batch 64 · {EPOCHS} epochs"
+    assert rest[-1].startswith("result: test accuracy ")
     ui.browser.open(f"{ui.url}/#/experiments/{ui.experiment_id}/runs/{run.info.run_id}")
     ui.browser.wait_for_text(first, "val_accuracy")
     text = ui.browser.text()
