@@ -449,4 +449,5 @@ def main(cfg, data_dir, train_dir, metrics_path, plots_dir, figures_dir) -> dict
         mlflow.log_artifacts(str(figures_dir), artifact_path="plots")
         mlflow.log_artifact(str(metrics_path), artifact_path="evaluation")
         mlflow.log_artifacts(str(plots_dir), artifact_path="evaluation")
+        tracking.describe_result(run["run_id"], headline)
     return headline

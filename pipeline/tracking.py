@@ -351,3 +351,52 @@ def epoch_callback(on_epoch: Callable[[dict], None] | None = None):
                 on_epoch(row)
 
     return EpochRecorder()
+
+
+# The tag the MLflow UI shows, and lets one edit, as a run's description (Markdown, a newline is a line break).
+DESCRIPTION_TAG = "mlflow.note.content"
+RESULT_PREFIX = "result: "
+
+SCHEDULE_WORDS = {"constant": "constant rate", "exponential": "exponential decay", "step": "step decay",
+                  "cosine": "cosine decay"}
+
+
+def run_description(cfg: Config, input_shape, precision: str) -> str:
+    """A run's key params in two lines, for its description in the MLflow UI, e.g.
+
+        cnn · adam, lr 0.002, cosine decay · batch 128 · 5 epochs, early stopping
+        fashion_mnist, 28x28x1 · precision float32
+
+    input_shape: the network's input (height, width, channels) after preprocessing; precision: the Keras
+    policy trained in (train.precision, or what `auto` resolved to).
+    """
+    opt = cfg.optimizer
+    # Keras 2's `decay` is a schedule of its own (config.py allows it with the constant schedule only)
+    schedule = f"inverse-time decay {opt.decay:g}" if opt.decay else SCHEDULE_WORDS[opt.schedule.name]
+    rate = [opt.name, f"lr {opt.learning_rate:g}", schedule]
+    if opt.schedule.warmup_epochs:
+        rate.append(f"{opt.schedule.warmup_epochs:g}-epoch warm-up")
+    if cfg.callbacks.reduce_lr.enabled:
+        rate.append(f"x{cfg.callbacks.reduce_lr.factor:g} on {cfg.callbacks.reduce_lr.monitor} plateau")
+    epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}"
+    if cfg.callbacks.early_stopping.enabled:
+        epochs += ", early stopping"
+    return (f"{cfg.model.name} · {', '.join(rate)} · batch {cfg.train.batch_size} · {epochs}\n"
+            f"{cfg.data.source}, {'x'.join(map(str, input_shape))} · precision {precision}")
+
+
+def describe_result(run_id: str, headline: dict[str, float]) -> str:
+    """Append the evaluation's result (test accuracy, else validation accuracy) to the run's description,
+    replacing the line an earlier evaluation of the run wrote. Returns the new description."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    split = "test" if "test_accuracy" in headline else "val"
+    line = f"{RESULT_PREFIX}{split} accuracy {headline[f'{split}_accuracy']:.2%}"
+    if split == "test" and "val_accuracy" in headline:
+        line += f" (val {headline['val_accuracy']:.2%})"
+    before = client.get_run(run_id).data.tags.get(DESCRIPTION_TAG, "")
+    kept = [text for text in before.splitlines() if not text.startswith(RESULT_PREFIX)]
+    description = "\n".join([*kept, line])
+    client.set_tag(run_id, DESCRIPTION_TAG, description)
+    return description

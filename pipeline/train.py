@@ -833,6 +833,8 @@ def main(cfg: Config, data_dir, raw_dir, out_dir, worker_wait: float | None = No
     with tracking.run_scope(cfg, run_id=resumed, tags=tags) as run_id:
         backup.extra["run_id"] = run_id
         mlflow.set_tags(tags)  # also on a run that `mlflow run` created
+        # its description in the UI; rewritten below with the precision that train.precision = auto resolved to
+        mlflow.set_tag(tracking.DESCRIPTION_TAG, tracking.run_description(cfg, data.input_shape, cfg.train.precision))
         if snapshot is not None:
             mlflow.set_tag("pipeline.resumed_after_epoch", str(snapshot.state["epoch"]))
         if run_id == resumed:  # it has its inputs from its start; an error tag from when it was killed goes
@@ -875,6 +877,7 @@ def main(cfg: Config, data_dir, raw_dir, out_dir, worker_wait: float | None = No
                 "derived.learning_rate": cfg.optimizer.learning_rate,
             })
             mlflow.set_tag("precision.reason", result.precision_reason)
+            mlflow.set_tag(tracking.DESCRIPTION_TAG, tracking.run_description(cfg, data.input_shape, result.precision))
             mlflow.log_metrics({**facts, **totals(result, len(data.train_x))})
             mlflow.log_text(summary, "model_summary.txt")
             # the optimizer as Keras ran it: the values that optimizer.* params left null (Keras' defaults) included
