@@ -419,9 +419,9 @@ class Sweep:
             raise PipelineError("--metric: expected a metric name such as test_accuracy or val_loss")
         self.params, self.space, self.metric, self.jobs, self.new, self.echo = params, space, metric, jobs, new, echo
         self.out = Path(out)
+        self.base = load_config(params, space.fixed)  # a bad --set fails here, before it is blamed on a trial
         self.trials = trial_list(space)
         self.configs = trial_configs(params, space, self.trials)
-        self.base = load_config(params, space.fixed)
 
     # -- the parent
 
@@ -646,14 +646,15 @@ class Sweep:
                 raise TrialsFailed(f"{len(failed)} of {len(self.trials)} trials failed: {listed}; "
                                    f"run the same command again to rerun them", result)
         except KeyboardInterrupt:
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            # a second Ctrl-C or SIGTERM must not cut the clean-up short
+            previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
             try:
                 self.stop(client, running)
                 client.set_tag(parent_id, "error", "interrupted")
                 client.set_terminated(parent_id, "KILLED")
             finally:
-                signal.signal(signal.SIGINT, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
             raise
         except BaseException as exc:
             self.stop(client, running)
