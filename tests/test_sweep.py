@@ -14,7 +14,7 @@ import yaml
 
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
-from pipeline.sweep import (Space, _report, SweepFile, better, build_space, format_value, parse_value, read_sweep_file,
+from pipeline.sweep import (Space, SweepFile, better, build_space, format_value, parse_value, read_sweep_file,
                             split_outside_brackets, sweep_key, trial_configs, trial_list)
 from tests.conftest import BIN, ROOT, client, run
 from tests.test_cli import assert_one_line_error
@@ -181,64 +181,49 @@ def parent_and_children(repo):
 
 
 @pytest.mark.slow
-def test_parallel_trials_log_every_epoch_share_one_data_build_and_a_rerun_reruns_only_failed_ones(project):
-    # Trials 1 and 2 train at once (--jobs 2); in 3 and 4 a 4x4 pooling of the 8x8 digits, twice, leaves nothing:
-    # their network cannot be built, inside their runs.
-    command = ["pipeline", *QUICK, "--set", "seed=7", "sweep", "--grid", "model.pool_size=2,4",
-               "--grid", "optimizer.learning_rate=0.01,0.005", "--jobs", "2"]
-    done = run(command, project, check=False)
-    assert_one_line_error(done, "2 of 4 trials failed: trial 3 (model.pool_size=4 optimizer.learning_rate=0.01): ",
-                          "needs images of at least", "; trial 4 (model.pool_size=4 optimizer.learning_rate=0.005)",
-                          "run the same command again to rerun them")
+def test_parallel_trials_all_finish_with_every_epoch_share_one_data_build_and_resume(project):
+    command = ["pipeline", *QUICK, "--set", "seed=7", "sweep", "--grid", "optimizer.learning_rate=0.01,0.005,0.002",
+               "--jobs", "2"]
+    done = run(command, project)
     store, parent, children = parent_and_children(project)
-    assert parent.info.status == "FAILED"
-    assert [c.info.status for c in children] == ["FINISHED", "FINISHED", "FAILED", "FAILED"]
-    good, bad = children[:2], children[2:]
-    # seed 7 is not params.yaml's: the data was fetched and preprocessed once, in the sweep's folder, for all four
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    # seed 7 is not params.yaml's: the data was fetched and preprocessed once, in the sweep's folder, for all three
     folder = project / "outputs" / "sweeps" / parent.info.run_id
     (prepared,) = folder.glob("data/*/prepared")
-    assert done.stderr.count("sweep: data for trials 1, 2, 3, 4: fetch + preprocess") == 1
-    assert "sweep: data for" not in done.stderr.replace("sweep: data for trials 1, 2, 3, 4", "")
+    assert done.stderr.count("sweep: data for") == 1
+    assert "sweep: data for trials 1, 2, 3: fetch + preprocess" in done.stderr
     assert not (project / "data" / "prepared").exists()
-    for child in children:
+    for child in children:  # two trials at a time on one SQLite store: no run and no metric lost
+        assert child.info.status == "FINISHED", child.data.tags.get("error")
         assert child.data.tags["sweep.data"] == str(prepared.relative_to(project))
         assert child.data.params["seed"] == "7" and child.data.params["train.epochs"] == "2"
-        assert not (folder / child.info.run_id / "prepared").exists()
-        assert "database is locked" not in (folder / child.info.run_id / "trial.log").read_text()
-    for child in good:
         for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds"):
             assert sorted(m.step for m in store.get_metric_history(child.info.run_id, key)) == [1, 2], key
-        assert (folder / child.info.run_id / "predictions.csv").is_file()
-    for child in bad:
-        assert "needs images of at least" in child.data.tags["error"]
-        assert "trial.log" in {a.path for a in store.list_artifacts(child.info.run_id)}
-    assert [c.info.run_name for c in children][0] == "1: model.pool_size=2 optimizer.learning_rate=0.01"
-    assert [c.data.params["optimizer.learning_rate"] for c in children] == ["0.01", "0.005"] * 2
+        trial_dir = folder / child.info.run_id
+        assert (trial_dir / "predictions.csv").is_file() and (trial_dir / "metrics.json").is_file()
+        assert not (trial_dir / "prepared").exists() and not (trial_dir / "raw").exists()
+        assert "database is locked" not in (trial_dir / "trial.log").read_text()
+    assert [c.data.params["optimizer.learning_rate"] for c in children] == ["0.01", "0.005", "0.002"]
+    assert children[0].info.run_name == "1: optimizer.learning_rate=0.01"
 
-    best = max(good, key=lambda r: r.data.metrics["test_accuracy"])
+    best = max(children, key=lambda r: r.data.metrics["test_accuracy"])
     assert parent.data.tags["best.run_id"] == best.info.run_id
     assert parent.data.tags["best.param.optimizer.learning_rate"] == best.data.params["optimizer.learning_rate"]
     assert parent.data.metrics["best.test_accuracy"] == best.data.metrics["test_accuracy"]
-    assert parent.data.params["sweep.grid.optimizer.learning_rate"] == "0.01, 0.005"
+    assert parent.data.params["sweep.grid.optimizer.learning_rate"] == "0.01, 0.005, 0.002"
     assert "sweep.yaml" in {a.path for a in store.list_artifacts(parent.info.run_id)}
-    assert "4 trials: grid model.pool_size in [2, 4] x optimizer.learning_rate in [0.01, 0.005]" in \
-        parent.data.tags["mlflow.note.content"]
-    lowest = min(good, key=lambda r: r.data.metrics["test_loss"])  # a loss is minimised
-    assert _report(store, parent.info.run_id, folder, "test_loss").info.run_id == lowest.info.run_id
+    assert "3 trials: grid optimizer.learning_rate in [0.01, 0.005, 0.002]" in parent.data.tags["mlflow.note.content"]
 
-    # The same command again: the same parent; the finished trials are skipped, the failed ones rerun in their runs.
-    again = run(command, project, check=False)
-    assert_one_line_error(again, "2 of 4 trials failed: trial 3 ")
+    # The same command again: the same parent, nothing rerun; another --metric picks the best again.
+    again = run([*command, "--metric", "test_loss"], project)
     assert f"resuming parent run {parent.info.run_id}" in again.stderr
-    assert "2 trials finished before, 2 to run" in again.stderr
-    assert "sweep: data for trials 3, 4: fetch + preprocess" in again.stderr
-    store, parent_again, children_again = parent_and_children(project)
-    assert parent_again.info.run_id == parent.info.run_id
-    assert [(c.info.run_id, c.info.end_time) for c in children_again[:2]] == \
-           [(c.info.run_id, c.info.end_time) for c in good]
-    for before, after in zip(bad, children_again[2:]):
-        assert after.info.run_id == before.info.run_id and after.info.end_time > before.info.end_time
-        assert after.info.status == "FAILED"
+    assert "3 trials finished before, 0 to run" in again.stderr and "sweep: data for" not in again.stderr
+    store, resumed, children_again = parent_and_children(project)
+    assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
+    assert [(c.info.run_id, c.info.end_time) for c in children_again] == \
+           [(c.info.run_id, c.info.end_time) for c in children]
+    lowest = min(children, key=lambda r: r.data.metrics["test_loss"])  # a loss is minimised
+    assert resumed.data.tags["best.run_id"] == lowest.info.run_id and resumed.data.tags["best.metric"] == "test_loss"
 
 
 @pytest.mark.slow
@@ -266,14 +251,36 @@ def test_sigterm_ends_the_parent_and_the_running_trial_killed(project):
 
 
 @pytest.mark.slow
-def test_mlflow_run_entry_point_sweep_nests_the_trials_in_its_run(project):
+def test_mlflow_run_sweep_nests_its_trials_and_pipeline_sweep_reruns_only_the_failed_one(project):
+    # In trial 2 a 4x4 pooling of the 8x8 digits, twice, leaves nothing: its network cannot be built, inside its run.
     uri = f"sqlite:///{project / 'mlflow.db'}"
     done = run(["mlflow", "run", ".", "-e", "sweep", "--env-manager", "local", "--experiment-name", "tests",
-                "-P", "grid=optimizer.name=adam optimizer.learning_rate=0.01", "-P", "set=train.epochs=1 mlflow.log_model=false"],
-               project, env={"MLFLOW_TRACKING_URI": uri})
-    store, parent, (child,) = parent_and_children(project)
-    assert "optimizer.name=adam optimizer.learning_rate=0.01" in parent.data.params["grid"]  # MLflow's own run
-    assert parent.info.status == "FINISHED" and child.info.status == "FINISHED", done.stderr
-    assert child.data.params["train.epochs"] == "1" and child.data.params["optimizer.learning_rate"] == "0.01"
+                "-P", "grid=model.pool_size=2,4", "-P", "set=train.epochs=2 mlflow.log_model=false"],
+               project, check=False, env={"MLFLOW_TRACKING_URI": uri})
+    assert done.returncode != 0
+    assert "error: 1 of 2 trials failed: trial 2 (model.pool_size=4): " in done.stderr, done.stderr
+    store, parent, (good, bad) = parent_and_children(project)
+    assert parent.data.params["grid"].strip("'") == "model.pool_size=2,4"  # the run `mlflow run` made is the parent
+    assert (good.info.status, bad.info.status, parent.info.status) == ("FINISHED", "FAILED", "FAILED")
+    assert "needs images of at least" in bad.data.tags["error"]
+    assert "trial.log" in {a.path for a in store.list_artifacts(bad.info.run_id)}
+    assert parent.data.tags["best.run_id"] == good.info.run_id
     assert math.isfinite(parent.data.metrics["best.test_accuracy"])
-    assert child.data.tags["sweep.data"] == os.path.join("data", "prepared")  # params.yaml's data: DVC's stages
+    assert good.data.params["train.epochs"] == "2" and good.data.params["model.pool_size"] == "2"
+    # params.yaml's data params: the data came once from `dvc repro preprocess`
+    assert {c.data.tags["sweep.data"] for c in (good, bad)} == {os.path.join("data", "prepared")}
+    assert (project / "data" / "prepared" / "stats.json").is_file()
+
+    # The same space and overrides through `pipeline sweep`: the same parent; the finished trial is skipped,
+    # the failed one reruns in its run.
+    again = run(["pipeline", *QUICK, "sweep", "--grid", "model.pool_size=2,4"], project, check=False,
+                env={"MLFLOW_TRACKING_URI": uri})
+    assert_one_line_error(again, "1 of 2 trials failed: trial 2 (model.pool_size=4): ", "needs images of at least",
+                          "run the same command again to rerun them")
+    assert f"resuming parent run {parent.info.run_id}" in again.stderr
+    assert "1 trials finished before, 1 to run" in again.stderr
+    store, parent_again, (good_again, bad_again) = parent_and_children(project)
+    assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FAILED"
+    assert (good_again.info.run_id, good_again.info.end_time) == (good.info.run_id, good.info.end_time)
+    assert bad_again.info.run_id == bad.info.run_id and bad_again.info.end_time > bad.info.end_time
+    assert bad_again.info.status == "FAILED"
