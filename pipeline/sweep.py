@@ -234,7 +234,7 @@ class Space:
             per = " per grid point" if self.grid else ""
             text += ("; " if text else "") + f"random {draws}, {self.trials} draws{per} (seed {self.seed})"
         fixed = f"; fixed {' '.join(self.fixed)}" if self.fixed else ""
-        return f"{count} trials: {text}{fixed}"
+        return f"{count} trial{'' if count == 1 else 's'}: {text}{fixed}"
 
 
 def build_space(grid: tuple[str, ...] = (), draws: tuple[str, ...] = (), trials: int | None = None,
@@ -616,7 +616,8 @@ class Sweep:
                                                     metric=run.data.metrics.get(self.metric))
                 else:
                     todo.append((trial, cfg))
-            self.echo(f"sweep: {len(outcomes)} trials finished before, {len(todo)} to run, {self.jobs} at a time")
+            self.echo(f"sweep: {len(outcomes)} of {len(self.trials)} trials finished before; {len(todo)} to run, "
+                      f"{self.jobs} at a time")
             data = self.prepare_data(todo, folder)
             queue = [trial for trial, _ in todo]
             done = len(outcomes)

@@ -217,7 +217,7 @@ def test_parallel_trials_all_finish_with_every_epoch_share_one_data_build_and_re
     # The same command again: the same parent, nothing rerun; another --metric picks the best again.
     again = run([*command, "--metric", "test_loss"], project)
     assert f"resuming parent run {parent.info.run_id}" in again.stderr
-    assert "3 trials finished before, 0 to run" in again.stderr and "sweep: data for" not in again.stderr
+    assert "3 of 3 trials finished before; 0 to run" in again.stderr and "sweep: data for" not in again.stderr
     store, resumed, children_again = parent_and_children(project)
     assert resumed.info.run_id == parent.info.run_id and resumed.info.status == "FINISHED"
     assert [(c.info.run_id, c.info.end_time) for c in children_again] == \
@@ -278,7 +278,7 @@ def test_mlflow_run_sweep_nests_its_trials_and_pipeline_sweep_reruns_only_the_fa
     assert_one_line_error(again, "1 of 2 trials failed: trial 2 (model.pool_size=4): ", "needs images of at least",
                           "run the same command again to rerun them")
     assert f"resuming parent run {parent.info.run_id}" in again.stderr
-    assert "1 trials finished before, 1 to run" in again.stderr
+    assert "1 of 2 trials finished before; 1 to run" in again.stderr
     store, parent_again, (good_again, bad_again) = parent_and_children(project)
     assert parent_again.info.run_id == parent.info.run_id and parent_again.info.status == "FAILED"
     assert (good_again.info.run_id, good_again.info.end_time) == (good.info.run_id, good.info.end_time)
