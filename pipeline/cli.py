@@ -169,8 +169,14 @@ def predict(ctx: click.Context, raw: str, train_dir: str, out: str) -> None:
               help="More params.yaml overrides, space-separated (MLproject's `set` param).")
 @click.option("--out", default="outputs/runs", type=click.Path(file_okay=False),
               help="Where train/evaluate/predict outputs go, one folder per MLflow run id.")
+@click.option("--raw", "raw_dir", default=None, type=click.Path(file_okay=False),
+              help="A fetch output made with this run's data.* params, used instead of running the data stages "
+                   "(with --data; `pipeline sweep` passes the data it prepared once for its trials).")
+@click.option("--data", "prepared_dir", default=None, type=click.Path(file_okay=False),
+              help="The preprocess output of --raw with this run's seed and preprocess.* params.")
 @click.pass_context
-def run(ctx: click.Context, out: str, more: str, **options: str) -> None:
+def run(ctx: click.Context, out: str, more: str, raw_dir: str | None, prepared_dir: str | None,
+        **options: str) -> None:
     """All stages in one MLflow run (the one `mlflow run` created, or a new one).
 
     Empty options keep params.yaml's value; params.yaml itself is never edited.
@@ -178,12 +184,15 @@ def run(ctx: click.Context, out: str, more: str, **options: str) -> None:
     """
     from pipeline import workflow
 
+    if (raw_dir is None) != (prepared_dir is None):
+        raise PipelineError("--raw and --data go together: the fetch and the preprocess outputs of one dataset")
     extra = [f"{RUN_OPTIONS[name]}={value}" for name, value in options.items() if value != ""]
     extra += more.split()
     cfg = _config(ctx, extra)
     # the params dvc.yaml's stages read: their data may be reused only when the run's data params equal these
     base = load_config(DEFAULT_PARAMS) if Path(DEFAULT_PARAMS).is_file() else None
-    run_id = workflow.run_all(cfg, base, out)
+    data = (Path(raw_dir), Path(prepared_dir)) if raw_dir is not None else None
+    run_id = workflow.run_all(cfg, base, out, data)
     click.echo(f"run: MLflow run {run_id} -> {Path(out) / run_id}")
 
 
@@ -306,12 +315,94 @@ def compare(ctx: click.Context, experiment: str | None, parent: str | None, run_
     selection = {"experiment": experiment, "parent": parent, "run_ids": run_ids, "filter_string": filter_string}
     client = stage.open_store(cfg.tracking_uri())
     runs = stage.select_runs(client, **selection)
-    folder = Path(out) if out else Path("reports/compare") / stage.selection_name(**selection)
+    folder = Path(out) if out else stage.default_folder(**selection)
     paths = stage.write_report(client, runs, folder, sort_by=sort_by, log_to=log_to or parent)
     click.echo(paths["markdown"].read_text().rstrip())
     click.echo(f"compare: {len(runs)} runs selected -> " + ", ".join(str(p) for p in paths.values()))
     if log_to or parent:
         click.echo(f"compare: logged to run {log_to or parent} under {stage.ARTIFACT_PATH}/")
+
+
+class _BlankIsNone(click.ParamType):
+    """`inner`, or None for an empty value: MLproject passes its empty defaults as ''."""
+
+    def __init__(self, inner: click.ParamType):
+        self.inner, self.name = inner, inner.name
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            return None
+        return self.inner.convert(value, param, ctx)
+
+
+@cli.command()
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2,...",
+              help="Try every value of a params.yaml key, in every combination with the other --grid keys "
+                   "(repeatable). Values are read as YAML; commas inside [...] belong to a value: "
+                   "--grid 'model.filters=[[8],[16]],[[16],[32]]'.")
+@click.option("--random", "draws", multiple=True, metavar="KEY=SPEC",
+              help="Draw a key's value for each trial (repeatable): uniform:LOW:HIGH, loguniform:LOW:HIGH, "
+                   "int:LOW:HIGH (both ends included) or choice:V1,V2,...; drawn floats keep 4 significant "
+                   "digits. With --grid, every grid point gets --trials draws.")
+@click.option("--trials", type=_BlankIsNone(click.INT), default=None,
+              help="Random draws (per grid point with --grid) [default: the file's, else 10].")
+@click.option("--seed", type=_BlankIsNone(click.INT), default=None,
+              help="Seed of the random draws (not of the trainings: that is params.yaml's seed) "
+                   "[default: the file's, else 0].")
+@click.option("--file", "sweep_file", type=_BlankIsNone(click.Path(dir_okay=False)), default=None,
+              help="A sweep YAML file with keys grid, random, trials, seed, set, metric (README \"Sweeps\"); "
+                   "--grid and --random add keys to it, --trials, --seed and --metric replace its values.")
+@click.option("--overrides", "more", default="", metavar="'K=V K=V'",
+              help="More fixed overrides of every trial, space-separated (MLproject's `set`); "
+                   "the same as `pipeline --set K=V sweep`.")
+@click.option("--metric", type=_BlankIsNone(click.STRING), default=None,
+              help="The metric that picks the best trial; a name ending in `loss` is minimised, others "
+                   "maximised [default: the file's, else test_accuracy].")
+@click.option("--jobs", type=click.IntRange(min=1), default=1,
+              help="Trials at a time, each its own process (each uses every core TensorFlow finds).")
+@click.option("--out", default="outputs/sweeps", type=click.Path(file_okay=False),
+              help="Outputs go to OUT/<parent run id>/: sweep.yaml, data/ (data built for the sweep), and "
+                   "one folder per trial run id with `pipeline run`'s outputs and trial.log.")
+@click.option("--new", is_flag=True, help="Start a new parent run even if this sweep ran before.")
+@click.pass_context
+def sweep(ctx: click.Context, grid: tuple[str, ...], draws: tuple[str, ...], trials: int | None, seed: int | None,
+          sweep_file: str | None, more: str, metric: str | None, jobs: int, out: str, new: bool) -> None:
+    """Grid or random search: each trial a nested MLflow run under one parent run.
+
+    \b
+      pipeline --set train.epochs=3 sweep --grid optimizer.name=sgd,adam --grid train.batch_size=32,64
+      pipeline sweep --random optimizer.learning_rate=loguniform:1e-4:1e-2 --trials 8 --jobs 2
+      pipeline sweep --file sweep.yaml
+
+    Every trial's config (params.yaml, `pipeline --set`, --overrides, then the trial's values) is checked
+    before any trial runs. Each trial runs what `pipeline run` runs, in its own process, into a child run
+    of the parent; the data stages run once for all trials with the same seed, data.* and preprocess.*
+    (from DVC's cache when those equal params.yaml's). The parent logs the space and the best trial
+    (tags best.*, metrics best.<metric>). A failed trial ends FAILED and the others go on; the command
+    then exits 1 naming it. Ctrl-C or SIGTERM ends the running trials and the parent KILLED.
+
+    Resume: the same command again (same space, seed, params and experiment) reopens the same parent
+    run, skips the trials that FINISHED and reruns the others in their own runs and folders (a training
+    killed mid-way resumes from its last epoch). --new starts afresh.
+    """
+    from pipeline import sweep as stage
+
+    spec = stage.read_sweep_file(sweep_file) if sweep_file is not None else None
+    fixed = (*ctx.obj["overrides"], *more.split())
+    space = stage.build_space(grid, draws, trials, seed, spec, str(sweep_file or ""), fixed)
+    metric = metric or (spec.metric if spec is not None and spec.metric else stage.DEFAULT_METRIC)
+    echo = lambda line: click.echo(line, err=True)  # noqa: E731 (progress on stderr, the table on stdout)
+    try:
+        result = stage.run_sweep(ctx.obj["params"], space, metric, jobs, out, new, echo)
+    except stage.TrialsFailed as exc:
+        click.echo(exc.result.table())
+        raise
+    click.echo(result.table())
+    best = result.best
+    if best is not None:
+        click.echo(f"sweep: best trial {best.trial.index} ({best.trial.name}) {metric}={best.metric:.4f}, "
+                   f"run {best.run_id}")
+    click.echo(f"sweep: parent run {result.parent_id} -> {result.folder}")
 
 
 def main() -> None:

@@ -77,6 +77,7 @@ DIGEST_TAG = "data.digest"
 
 MAX_LEGEND = 20  # runs drawn each in its own colour with a legend; beyond, the best HIGHLIGHT in colour
 HIGHLIGHT = 10
+REPORTS = Path("reports/compare")
 PNG_DPI = 120
 PNG_METADATA = {"Software": None}  # no matplotlib version in the bytes
 SEARCH_PAGE = 50_000  # MLflow's largest search_runs page
@@ -181,6 +182,11 @@ def _all_experiments(client: MlflowClient) -> list:
         token = page.token
         if not token:
             return experiments
+
+
+def default_folder(**selection) -> Path:
+    """Where a selection's report goes unless told otherwise: reports/compare/<selection_name>."""
+    return REPORTS / selection_name(**selection)
 
 
 def selection_name(*, experiment: str | None = None, parent: str | None = None, run_ids: Sequence[str] = (),

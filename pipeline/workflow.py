@@ -44,12 +44,15 @@ def dvc_data(cfg: Config, base: Config | None) -> tuple[Path, Path] | None:
     return DVC_RAW, DVC_PREPARED
 
 
-def run_all(cfg: Config, base: Config | None, out) -> str:
+def run_all(cfg: Config, base: Config | None, out, data: tuple[Path, Path] | None = None) -> str:
+    """Every stage in one run; `data`: (raw, prepared) folders made for this config (a sweep prepares
+    them once for its trials), else they come from DVC or are built in the run's folder."""
     from pipeline import evaluate, fetch, predict, preprocess, train, tracking
 
     with tracking.run_scope(cfg) as run_id:
         folder = Path(out) / run_id
-        data = dvc_data(cfg, base)
+        if data is None:
+            data = dvc_data(cfg, base)
         if data is None:
             raw_dir, prepared_dir = folder / "raw", folder / "prepared"
             fetch.save_raw(fetch.fetch_dataset(cfg.data), raw_dir)
