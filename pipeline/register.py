@@ -79,15 +79,9 @@ def logged_model(client, run) -> Any | None:
 
 def get_run(client, run_id: str, metric: str | None = None) -> Candidate:
     """The run `run_id` with its model: one PipelineError when it is unknown, unfinished or has no model."""
-    from mlflow.exceptions import MlflowException
+    from pipeline.tracking import get_run as checked_run
 
-    uri = client._tracking_client.tracking_uri
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise PipelineError(f"run {run_id!r} not found in the tracking store {uri}") from None
-        raise PipelineError(f"run {run_id!r}: the tracking store {uri} failed: {first_line(exc)}") from None
+    run = checked_run(client, run_id)
     if run.info.lifecycle_stage != "active":
         raise PipelineError(f"run {run_id} is deleted")
     if run.info.status != "FINISHED":

@@ -82,16 +82,9 @@ def absolute_uri(uri: str, base: Path) -> str:
 
 def read_original(client, run_id: str, allow_dirty: bool = False, warn: Callable[[str], None] = print) -> Original:
     """The run's provenance tags, checked: one PipelineError naming what is missing."""
-    from mlflow.exceptions import MlflowException
+    from pipeline.tracking import get_run
 
-    uri = client._tracking_client.tracking_uri
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise PipelineError(f"run {run_id!r} not found in the tracking store {uri}") from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"run {run_id!r}: the tracking store {uri} failed: {first}") from None
+    run = get_run(client, run_id)
     tags = run.data.tags
     commit = tags.get("mlflow.source.git.commit")
     if not commit:

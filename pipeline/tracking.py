@@ -93,6 +93,19 @@ def open_store(uri: str, must_exist: bool = False):
     return client
 
 
+def get_run(client, run_id: str):
+    """The run `run_id` from the client's store; one PipelineError when it is unknown or the store fails."""
+    from mlflow.exceptions import MlflowException
+
+    uri = client._tracking_client.tracking_uri
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise PipelineError(f"run {run_id!r} not found in the tracking store {uri}") from None
+        raise PipelineError(f"run {run_id!r}: the tracking store {uri} failed: {first_line(exc)}") from None
+
+
 def store_error(uri: str, exc: Exception) -> PipelineError:
     """One line for a store that failed its first request: a refused or timed-out connection's reason
     (not urllib3's paragraph about retries), else the error's first line."""

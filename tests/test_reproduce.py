@@ -8,7 +8,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -21,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.reproduce import absolute_uri, compare, config_of, format_comparison, judge, param_value, reproduce
-from tests.conftest import BIN, ROOT, make_project, run
+from tests.conftest import BIN, ROOT, make_project, run, stop_group
 
 
 # --- plain functions -------------------------------------------------------------------------------------------
@@ -219,13 +218,7 @@ def mlflow_server(folder: Path, backend_store_uri: str):
             time.sleep(0.5)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server)
 
 
 def assert_reproduced_identically(store: MlflowClient, original_id: str, done) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 
 from pipeline.fetch import load_raw
-from tests.conftest import BIN, client, run
+from tests.conftest import BIN, client, run, stop_group
 from tests.test_register import pipeline_cli
 
 pytestmark = pytest.mark.slow
@@ -125,9 +124,4 @@ def test_registered_champion_is_served_and_answers_like_the_model_in_process(pro
         assert status == 200
         np.testing.assert_allclose(np.asarray(answer["predictions"], dtype="float32"), expected, rtol=0, atol=1e-6)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
