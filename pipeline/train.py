@@ -904,7 +904,15 @@ def log_inputs(cfg: Config, data: Prepared, manifest: dict, digest: str, raw_dir
             data.train_x, targets=data.train_y, source=str(Path(raw_dir).resolve()),
             name=f"{cfg.data.source}-train", digest=digest,
         )
-    mlflow.log_input(dataset, context="training")
+    try:
+        mlflow.log_input(dataset, context="training")
+    except mlflow.exceptions.MlflowException as exc:
+        # Two runs logging the same new dataset at once (parallel sweep trials, `dvc queue start -j 2`): the
+        # SQL store looks it up, finds none, and both insert it; the second fails on the table's unique key.
+        # Once the first has inserted it, logging it again links it to this run.
+        if "UNIQUE constraint failed: datasets" not in str(exc) and "duplicate key" not in str(exc):
+            raise
+        mlflow.log_input(dataset, context="training")
     for name in ("params.yaml", "dvc.lock"):
         if Path(name).is_file():
             mlflow.log_artifact(name, artifact_path="provenance")

@@ -50,6 +50,14 @@ def isolated_mlflow_state(monkeypatch):
             mlflow.end_run()
         mlflow.set_tracking_uri(None)  # also unsets MLFLOW_TRACKING_URI
         fluent._active_experiment_id = None
+        # MLflow caches one store per URI string: a relative `sqlite:///mlflow.db` opened by one test (in its
+        # tmp_path) would be handed, with its open connections, to the next test that says the same in another
+        # directory (found with test_register then test_serve in one process)
+        from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry
+        from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
+
+        TrackingStoreRegistry._get_store_with_resolved_uri.cache_clear()
+        ModelRegistryStoreRegistry._get_store_with_resolved_uri.cache_clear()
     for name in MLFLOW_ENV:
         os.environ.pop(name, None)
 
