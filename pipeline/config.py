@@ -567,16 +567,32 @@ class Config(Section):
 
 
 def project_store(uri: str) -> str:
-    """A relative `sqlite:///<path>` made absolute against DVC_ROOT when DVC runs the stage.
+    """A local store's relative path made absolute: against DVC_ROOT when DVC runs the stage, else the
+    working directory.
 
-    DVC sets DVC_ROOT for every stage command to the project's root, also when `dvc exp run --queue` or
-    `--temp` runs the stages in a copy under .dvc/tmp/exps: there a path relative to the working directory
-    would put the runs in the copy's own mlflow.db, deleted with it.
+    - DVC sets DVC_ROOT for every stage command to the project's root, also when `dvc exp run --queue` or
+      `--temp` runs the stages in a copy under .dvc/tmp/exps: there a path relative to the working
+      directory would put the runs in the copy's own mlflow.db, deleted with it.
+    - MLflow keeps one database engine per URI string for the life of a process
+      (SqlAlchemyStore._engine_map): a relative `sqlite:///mlflow.db` would keep meaning the first
+      directory's database after a chdir (a notebook, a test process).
     """
     root = os.environ.get("DVC_ROOT")
-    prefix = "sqlite:///"
-    if root and uri.startswith(prefix) and not uri.startswith(prefix + "/") and uri != prefix + ":memory:":
-        return prefix + os.path.join(os.path.abspath(root), uri[len(prefix):])
+    return absolute_uri(uri, Path(root) if root else Path.cwd())
+
+
+def absolute_uri(uri: str, base: Path) -> str:
+    """A tracking URI that means the same store from another working directory; `base`: what a relative
+    path is relative to. Servers and absolute paths are returned as they are."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        if uri == "sqlite:///:memory:":
+            return uri
+        return f"sqlite:///{(Path(base) / uri[len('sqlite:///'):]).resolve()}"
+    if uri.startswith("file:") or "://" not in uri:
+        from mlflow.utils.file_utils import local_file_uri_to_path
+
+        path = Path(local_file_uri_to_path(uri) if uri.startswith("file:") else uri)
+        return (Path(base) / path).resolve().as_uri()
     return uri
 
 

@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 
 import yaml
 
+from pipeline.config import absolute_uri
 from pipeline.errors import PipelineError
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
@@ -66,18 +67,6 @@ class Comparison:
     @property
     def exit_code(self) -> int:
         return EXIT_CODES[self.verdict]
-
-
-def absolute_uri(uri: str, base: Path) -> str:
-    """A tracking URI that means the same store from another working directory (the worktree)."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{(base / uri[len('sqlite:///'):]).resolve()}"
-    if uri.startswith("file:") or "://" not in uri:
-        from mlflow.utils.file_utils import local_file_uri_to_path
-
-        path = Path(local_file_uri_to_path(uri) if uri.startswith("file:") else uri)
-        return (base / path).resolve().as_uri()
-    return uri
 
 
 def read_original(client, run_id: str, allow_dirty: bool = False, warn: Callable[[str], None] = print) -> Original:

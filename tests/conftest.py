@@ -50,9 +50,8 @@ def isolated_mlflow_state(monkeypatch):
             mlflow.end_run()
         mlflow.set_tracking_uri(None)  # also unsets MLFLOW_TRACKING_URI
         fluent._active_experiment_id = None
-        # MLflow caches one store per URI string: a relative `sqlite:///mlflow.db` opened by one test (in its
-        # tmp_path) would be handed, with its open connections, to the next test that says the same in another
-        # directory (found with test_register then test_serve in one process)
+        # MLflow caches one store object per URI string for the process: drop them, so no test gets another's
+        # (Config.tracking_uri makes SQLite paths absolute for the same reason: MLflow's engines are per URI too)
         from mlflow.tracking._model_registry.registry import ModelRegistryStoreRegistry
         from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
 

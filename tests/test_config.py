@@ -73,10 +73,11 @@ def test_missing_and_malformed_files(tmp_path):
     ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
     ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
 ])
-def test_a_relative_sqlite_store_is_the_dvc_projects(monkeypatch, uri, expected):
+def test_a_relative_sqlite_store_is_the_dvc_projects(monkeypatch, tmp_path, uri, expected):
     from pipeline.config import project_store
 
     monkeypatch.setenv("DVC_ROOT", "/proj/root")
     assert project_store(uri) == expected
     monkeypatch.delenv("DVC_ROOT")
-    assert project_store(uri) == uri  # outside DVC, MLflow's own meaning (relative to the working directory)
+    monkeypatch.chdir(tmp_path)  # outside DVC: relative to the working directory, as MLflow reads it, made absolute
+    assert project_store(uri) == expected.replace("/proj/root", str(tmp_path.resolve()))

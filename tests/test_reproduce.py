@@ -19,7 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import PipelineError
-from pipeline.reproduce import absolute_uri, compare, config_of, format_comparison, judge, param_value, reproduce
+from pipeline.config import absolute_uri
+from pipeline.reproduce import compare, config_of, format_comparison, judge, param_value, reproduce
 from tests.conftest import BIN, ROOT, make_project, run, stop_group
 
 

@@ -77,7 +77,8 @@ def test_registered_champion_is_served_and_answers_like_the_model_in_process(pro
     assert code == 0, err
     assert out.splitlines() == [
         f"register: registered digits version 1 (alias champion): run {run_id}, test_accuracy = {accuracy}",
-        "serve it: MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow models serve -m models:/digits@champion "
+        f"serve it: MLFLOW_TRACKING_URI=sqlite:///{project.resolve() / 'mlflow.db'} mlflow models serve "
+        "-m models:/digits@champion "
         "--env-manager local -h 127.0.0.1 -p 5001",
     ]
 
