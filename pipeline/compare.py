@@ -26,6 +26,7 @@ import pandas as pd
 
 from pipeline.errors import PipelineError, first_line
 from pipeline.files import atomic_path
+from pipeline.tracking import minimised
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -274,12 +275,8 @@ def comparison_table(runs: Sequence[Run], sort_by: str = "test_accuracy") -> tup
     else:
         raise PipelineError(f"sort metric {sort_by!r}: no selected run logged it; the table's columns are "
                             f"{', '.join(METRIC_COLUMNS)}, or any metric of the runs (e.g. best_val_accuracy)")
-    order = key.sort_values(ascending=sort_ascending(sort_by), na_position="last", kind="stable").index
+    order = key.sort_values(ascending=minimised(sort_by), na_position="last", kind="stable").index
     return table.loc[order].reset_index(drop=True), left_out
-
-
-def sort_ascending(metric: str) -> bool:
-    return metric.endswith("loss")
 
 
 def _names(runs: Iterable[Run]) -> str:
@@ -319,7 +316,7 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 def describe(table: pd.DataFrame, left_out: Sequence[Run], sort_by: str) -> str:
     """The line under the table: how it is sorted, which params it shows, which runs it left out."""
-    direction = "lowest" if sort_ascending(sort_by) else "highest"
+    direction = "lowest" if minimised(sort_by) else "highest"
     params = [c for c in table.columns if c not in ("run", "model", "optimizer", "run_id", *METRIC_COLUMNS)]
     lines = [f"{len(table)} runs, sorted by {sort_by} ({direction} first; runs without it last). "
              f"Params shown: those that differ between the runs ({', '.join(params) or 'none'})."]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.errors import PipelineError, first_line
+from pipeline.tracking import minimised
 
 MODEL_NAME = "model"  # the `name` train.log_model gives the logged model
 DEFAULT_METRIC = "test_accuracy"
@@ -46,11 +47,6 @@ class Registration:
     metric: str | None
     value: float | None
     created: bool  # False: that model was already a version of `name`, only the alias and tags were set
-
-
-def minimised(metric: str) -> bool:
-    """Losses are better low, everything else (accuracies, images per second) high."""
-    return metric.endswith("loss")
 
 
 def connect(tracking_uri: str):

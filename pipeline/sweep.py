@@ -335,8 +335,10 @@ def sweep_key(space: Space, base: Config) -> str:
 
 
 def better(metric: str) -> Callable:
-    """min for metrics whose name ends in `loss`, else max."""
-    return min if metric.endswith("loss") else max
+    """min for metrics whose name ends in `loss`, else max (tracking.minimised)."""
+    from pipeline.tracking import minimised
+
+    return min if minimised(metric) else max
 
 
 # ---------------------------------------------------------------- running it
@@ -500,7 +502,7 @@ class Sweep:
 
     def prepare_data(self, todo: list[tuple[Trial, Config]], folder: Path) -> dict[int, tuple[Path, Path]]:
         """(raw, prepared) for each trial index to run, made once per group of equal data params."""
-        from pipeline import fetch, preprocess, workflow
+        from pipeline import workflow
 
         dvc_base = load_config(DEFAULT_PARAMS) if Path(DEFAULT_PARAMS).is_file() else None
         groups: dict[str, list[tuple[Trial, Config]]] = {}
@@ -516,10 +518,7 @@ class Sweep:
                 self.echo(f"sweep: data for trials {which}: fetch + preprocess {cfg.data.source} -> {where}")
                 # Built again on every run of the sweep, never reused because it exists (STYLE 3): the
                 # trials that run now all get this build.
-                fetch.save_raw(fetch.fetch_dataset(cfg.data), where / "raw")
-                prepared = preprocess.preprocess(fetch.load_raw(where / "raw"), cfg.preprocess, cfg.seed)
-                preprocess.save_prepared(prepared, where / "prepared")
-                data = (where / "raw", where / "prepared")
+                data = workflow.build_data(cfg, where / "raw", where / "prepared")
             else:
                 self.echo(f"sweep: data for trials {which}: dvc repro preprocess -> {data[1]}")
             for trial, _ in members:

@@ -223,6 +223,12 @@ def last_logged_epoch(run_id: str) -> int:
     return max((m.step for m in MlflowClient().get_metric_history(run_id, "loss")), default=0)
 
 
+def minimised(metric: str) -> bool:
+    """Whether lower is better: losses; everything else (accuracies, images per second) is better high.
+    The one rule by which sweep, compare and register rank runs."""
+    return metric.endswith("loss")
+
+
 def default_run_name(cfg: Config) -> str:
     """mlflow.run_name, else `<model>-<optimizer>-lr<rate>-bs<batch>`, after the DVC experiment's name in one."""
     if cfg.mlflow.run_name:

@@ -44,22 +44,28 @@ def dvc_data(cfg: Config, base: Config | None) -> tuple[Path, Path] | None:
     return DVC_RAW, DVC_PREPARED
 
 
+def build_data(cfg: Config, raw_dir: Path, prepared_dir: Path) -> tuple[Path, Path]:
+    """The fetch and preprocess stages for `cfg`, outside DVC, into raw_dir and prepared_dir."""
+    from pipeline import fetch, preprocess
+
+    fetch.save_raw(fetch.fetch_dataset(cfg.data), raw_dir)
+    prepared = preprocess.preprocess(fetch.load_raw(raw_dir), cfg.preprocess, cfg.seed)
+    preprocess.save_prepared(prepared, prepared_dir)
+    return raw_dir, prepared_dir
+
+
 def run_all(cfg: Config, base: Config | None, out, data: tuple[Path, Path] | None = None) -> str:
     """Every stage in one run; `data`: (raw, prepared) folders made for this config (a sweep prepares
     them once for its trials), else they come from DVC or are built in the run's folder."""
-    from pipeline import evaluate, fetch, predict, preprocess, train, tracking
+    from pipeline import evaluate, predict, train, tracking
 
     with tracking.run_scope(cfg) as run_id:
         folder = Path(out) / run_id
         if data is None:
             data = dvc_data(cfg, base)
         if data is None:
-            raw_dir, prepared_dir = folder / "raw", folder / "prepared"
-            fetch.save_raw(fetch.fetch_dataset(cfg.data), raw_dir)
-            prepared = preprocess.preprocess(fetch.load_raw(raw_dir), cfg.preprocess, cfg.seed)
-            preprocess.save_prepared(prepared, prepared_dir)
-        else:
-            raw_dir, prepared_dir = data
+            data = build_data(cfg, folder / "raw", folder / "prepared")
+        raw_dir, prepared_dir = data
         train_dir = folder / "train"
         train.main(cfg, prepared_dir, raw_dir, train_dir)
         evaluate.main(cfg, prepared_dir, train_dir, folder / "metrics.json", folder / "plots", folder / "figures")
