@@ -8,7 +8,8 @@ from pipeline.config import ModelConfig, PreprocessConfig
 from pipeline.errors import PipelineError
 from pipeline.fetch import RawDataset
 from pipeline.models import build_model, normalizer, raw_input_model
-from pipeline.preprocess import load_prepared, pixel_layers, preprocess, save_prepared, to_pixels
+from pipeline.preprocess import (bilinear_kernel, load_prepared, pixel_layers, preprocess, rounding_shift,
+                                 save_prepared, to_pixels)
 
 TINY = ModelConfig(filters=((4,), (8,)), kernel_sizes=(3, 3), dense=(8,))
 
@@ -47,13 +48,61 @@ def test_resize_channels_and_standardize_stats():
     assert np.allclose(prepared.stats["mean"], flat.mean(0)) and np.allclose(prepared.stats["variance"], flat.var(0))
 
 
-def test_vectorised_resize_matches_tf_image_resize():
+@pytest.mark.parametrize("n_in, n_out", [(28, 48), (8, 12), (32, 224), (10, 8), (28, 227), (5, 1)])
+def test_bilinear_kernel_is_tf_image_resize(n_in, n_out):
+    """Each input pixel's weights are what tf.image.resize (Keras Resizing's op) gives a unit impulse."""
     import tensorflow as tf
 
-    x = np.random.default_rng(3).integers(0, 256, (7, 28, 28, 1), dtype="uint8")
-    ours = to_pixels(x, pixel_layers((28, 28, 1), (48, 48, 1)))
-    reference = np.floor(tf.image.resize(x.astype("float32"), (48, 48)).numpy() + 0.5).clip(0, 255).astype("uint8")
-    assert np.array_equal(ours, reference)
+    kernel, denominator = bilinear_kernel(n_in, n_out)
+    impulses = np.eye(n_in, dtype="float32").reshape(n_in, n_in, 1, 1)
+    reference = tf.image.resize(impulses, (n_out, 1)).numpy().reshape(n_in, n_out)
+    np.testing.assert_allclose(kernel, reference, atol=1e-4)  # TF computes the sampling positions in float32
+    np.testing.assert_allclose(kernel * denominator, np.round(kernel * denominator), atol=1e-3)  # k / denominator
+
+
+def exact_resize(x: np.ndarray, size) -> np.ndarray:
+    """Bilinear resize in integers, rounding halves up: the value the float32 computations must round to."""
+    (ky, dy), (kx, dx) = bilinear_kernel(x.shape[1], size[0]), bilinear_kernel(x.shape[2], size[1])
+    ky, kx = np.round(ky * dy).astype("int64"), np.round(kx * dx).astype("int64")
+    s = np.einsum("nhwc,ho,wp->nopc", x.astype("int64"), ky, kx)
+    return ((2 * s + dy * dx) // (2 * dy * dx)).astype("uint8")
+
+
+@pytest.mark.parametrize("raw_shape, input_shape", [((28, 28, 1), (48, 48, 1)), ((7, 5, 3), (12, 10, 3)),
+                                                     ((8, 8, 1), (12, 12, 3)), ((10, 10, 3), (6, 4, 3))])
+def test_resize_is_exact_and_equals_the_saved_models_layers(raw_shape, input_shape):
+    """The stage's NumPy resize gives the exact rounded bilinear values, ties included, and so do the
+    saved model's layers: the same uint8 pixels on both sides, not merely close ones."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (300, *raw_shape), dtype="uint8")
+    x[:100] = rng.integers(0, 2, (100, *raw_shape), dtype="uint8") * 255  # 0/255 edges: many exact halves
+    ours = to_pixels(x, input_shape)
+    expected = exact_resize(x, input_shape[:2])
+    expected = np.repeat(expected, 3, axis=-1) if input_shape[2] != raw_shape[2] else expected
+    assert ours.shape == (300, *input_shape) and ours.dtype == np.uint8
+    assert np.array_equal(ours, expected)
+    layered = x.astype("float32")
+    for layer in pixel_layers(raw_shape, input_shape):
+        layered = layer(layered)
+    assert np.array_equal(np.asarray(layered).astype("uint8"), ours)
+    # and within one level of tf.image.resize rounded (which a float32 tie may round either way)
+    reference = np.floor(tf.image.resize(x.astype("float32"), input_shape[:2]).numpy() + 0.5).clip(0, 255)
+    if input_shape[2] == raw_shape[2]:
+        assert np.abs(reference - ours).max() <= 1
+
+
+@pytest.mark.parametrize("raw_shape, input_shape", [((28, 28, 1), (57, 57, 1)), ((10, 10, 3), (8, 8, 1))])
+def test_other_conversions_run_the_saved_models_layers(raw_shape, input_shape):
+    """A resize whose fractions are too fine for float32 to be exact, or RGB to gray: the stage runs
+    the saved model's own layers and rounds as they do."""
+    x = np.random.default_rng(4).integers(0, 256, (50, *raw_shape), dtype="uint8")
+    ours = to_pixels(x, input_shape)
+    layered = x.astype("float32")
+    for layer in pixel_layers(raw_shape, input_shape):
+        layered = layer(layered)
+    assert np.array_equal(np.asarray(layered).astype("uint8"), ours)
 
 
 def test_split_that_cannot_hold_every_class_fails_clearly():
@@ -100,19 +149,21 @@ def test_raw_pixel_model_equals_network_on_preprocessed_arrays(tmp_path, raw_sha
     assert reloaded.input.dtype == "uint8"
 
 
-def test_round_pixels_equals_the_saved_models_discretization():
+@pytest.mark.parametrize("raw_shape, input_shape", [((4, 4, 1), (8, 8, 1)), ((28, 28, 1), (48, 48, 1)),
+                                                     ((3, 3, 3), (3, 3, 1))])
+def test_round_pixels_equals_the_saved_models_discretization(raw_shape, input_shape):
     """The stage rounds in NumPy; the saved model rounds with pixel_layers' Discretization: same integers,
-    at the halves, just below them, and at float32's awkward 0.5 - 2**-25."""
-    import keras
-
+    at the boundaries, just below and above them, and at float32's awkward 0.5 - 2**-25."""
     from pipeline.preprocess import round_pixels
 
-    layer = pixel_layers((4, 4, 1), (8, 8, 1))[-1]
+    layer = pixel_layers(raw_shape, input_shape)[-1]
     assert isinstance(layer, keras.layers.Discretization)
-    halves = np.arange(256, dtype="float32") + np.float32(0.5)
+    shift = rounding_shift(raw_shape, input_shape)
+    assert shift == (0.5 / 576 if input_shape == (48, 48, 1) else 0.5 / 16 if input_shape == (8, 8, 1) else 0)
+    bounds = np.float32(np.arange(256) + 0.5 - shift)
     x = np.concatenate([
-        halves, np.nextafter(halves, np.float32(0)), np.nextafter(halves, np.float32(300)),
-        np.float32([0, 0.5 - 2**-25, 0.25, 254.99, 255, 255.49, 255.5, 256, -0.3]),
+        bounds, np.nextafter(bounds, np.float32(-1)), np.nextafter(bounds, np.float32(300)), bounds + 2 * shift,
+        np.float32([0, 0.5 - 2**-25, 0.25, 254.99, 255, 255.49, 255.5, 256, 300, -0.3]),
         np.random.default_rng(0).uniform(0, 255, 10_000).astype("float32"),
     ]).reshape(1, -1, 1, 1)
-    assert np.array_equal(round_pixels(x), np.asarray(layer(x)).astype("uint8"))
+    assert np.array_equal(round_pixels(x, shift), np.asarray(layer(x)).astype("uint8"))
