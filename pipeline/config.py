@@ -195,7 +195,7 @@ class ModelConfig(Section):
     takes that preset's value, and a value given here overrides it. Validation fills the nulls in, so the config
     (and what MLflow logs) holds the effective values; keys of the other builder stay null."""
 
-    name: str = "cnn"  # a preset name; `cnn` is notebook 003's CNN, `resnet` its residual network
+    name: str = "cnn_fast"  # a preset name (the default: ours); `cnn` is notebook 003's CNN, `resnet` its ResNet
     filters: Optional[tuple[tuple[int, ...], ...]] = None  # conv blocks, each a list of filter counts
     kernel_sizes: Optional[tuple[int, ...]] = None  # one square kernel size per block
     padding: Optional[Padding | tuple[Padding | tuple[Padding, ...], ...]] = None  # per conv
@@ -473,9 +473,9 @@ class OptimizerConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(4, ge=1)
     batch_size: int = Field(128, ge=1)  # the global batch: batch_size / replicas on each replica (pipeline/distribute.py)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # > 0: one-hot labels, CategoricalCrossentropy(label_smoothing)
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # > 0: one-hot labels, CategoricalCrossentropy(label_smoothing)
     initial_model: Optional[str] = None  # a model.keras saved by the train stage: start from its network's weights
     deterministic: bool = True  # TensorFlow op determinism: same params + same machine = bitwise-equal results
     # auto: bf16 mixed precision where it is faster on this machine (pipeline/hardware.py), else float32

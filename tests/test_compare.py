@@ -76,7 +76,7 @@ def store(tmp_path_factory):
     now = int(time.time() * 1000)
     client.log_batch(partial, metrics=[Metric(key, value, now, 1) for key, value in
                                        {"loss": 2.0, "accuracy": 0.3, "val_loss": 2.1, "val_accuracy": 0.25}.items()],
-                     params=[Param("model.name", "cnn"), Param("optimizer.name", "adam")])
+                     params=[Param("model.name", "cnn_fast"), Param("optimizer.name", "adam")])
     client.set_terminated(partial, "FAILED")
     return {"uri": uri, "client": client, **ids, "parent": parent, "partial": partial}
 
@@ -102,7 +102,7 @@ def test_table_rows_differing_params_and_values(store):
     for name in ("a", "b", "c"):
         logged = client.get_run(store[name])
         row = rows.loc[store[name]]
-        assert row["run"] == logged.info.run_name and row["model"] == "cnn"
+        assert row["run"] == logged.info.run_name and row["model"] == logged.data.params["model.name"] == "cnn_fast"
         assert row["test_accuracy"] == logged.data.metrics["test_accuracy"]
         assert row["val_loss"] == logged.data.metrics["final_val_loss"]
         assert row["train_accuracy"] == client.get_metric_history(store[name], "accuracy")[-1].value  # epoch 2

@@ -17,17 +17,17 @@ def config(*overrides: str):
 
 @pytest.mark.parametrize("overrides, shape, precision, expected", [
     ((), (8, 8, 1), "float32",
-     "cnn · adam, lr 0.005, cosine decay · batch 64 · 3 epochs\ndigits, 8x8x1 · precision float32"),
+     "cnn_fast · adam, lr 0.005, cosine decay · batch 64 · 3 epochs\ndigits, 8x8x1 · precision float32"),
     (("data.source=fashion_mnist", "model.name=lenet5", "optimizer.name=sgd", "optimizer.learning_rate=0.01",
       "optimizer.momentum=0.9", "optimizer.schedule.name=constant", "callbacks.reduce_lr.enabled=true",
       "callbacks.early_stopping.enabled=true", "train.batch_size=128", "train.epochs=20"), (48, 48, 3), "auto",
      "lenet5 · sgd, lr 0.01, constant rate, x0.5 on val_loss plateau · batch 128 · 20 epochs, early stopping\n"
      "fashion_mnist, 48x48x3 · precision auto"),
     (("optimizer.schedule.warmup_epochs=0.5", "train.epochs=1"), (28, 28, 1), "mixed_bfloat16",
-     "cnn · adam, lr 0.005, cosine decay, 0.5-epoch warm-up · batch 64 · 1 epoch\n"
+     "cnn_fast · adam, lr 0.005, cosine decay, 0.5-epoch warm-up · batch 64 · 1 epoch\n"
      "digits, 28x28x1 · precision mixed_bfloat16"),
     (("optimizer.schedule.name=constant", "optimizer.decay=1e-6"), (8, 8, 1), "float32",
-     "cnn · adam, lr 0.005, inverse-time decay 1e-06 · batch 64 · 3 epochs\ndigits, 8x8x1 · precision float32"),
+     "cnn_fast · adam, lr 0.005, inverse-time decay 1e-06 · batch 64 · 3 epochs\ndigits, 8x8x1 · precision float32"),
 ], ids=["tiny", "sgd-constant-plateau", "warm-up", "keras2-decay"])
 def test_the_description_names_the_key_params_in_two_lines(overrides, shape, precision, expected):
     assert run_description(config(*overrides), shape, precision) == expected
@@ -54,7 +54,7 @@ def test_a_run_that_mlflow_run_created_gets_its_description_and_result(tmp_path,
     assert run.info.status == "FINISHED"
     lines = run.data.tags[DESCRIPTION_TAG].splitlines()
     precision = run.data.params["derived.precision"]  # what train.precision = auto resolved to here
-    assert lines[:2] == ["cnn · adam, lr 0.005, cosine decay · batch 64 · 1 epoch",
+    assert lines[:2] == ["cnn_fast · adam, lr 0.005, cosine decay · batch 64 · 1 epoch",
                          f"digits, 8x8x1 · precision {precision}"]
     test, val = run.data.metrics["test_accuracy"], run.data.metrics["final_val_accuracy"]
     assert lines[2:] == [f"result: test accuracy {test:.2%} (val {val:.2%})"]

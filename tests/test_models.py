@@ -35,6 +35,9 @@ REPORTED = [
 ]
 # Networks whose notebook shows no total: counted by hand from their layers (Keras's CIFAR-10 example: 1,250,858).
 BY_HAND = [
+    # ours, the default: conv 3x3 1->32 (320) + 3x3 32->32 (9,248) + 3x3 32->64 (18,496) + 3x3 64->64 (36,928)
+    # + dense 7*7*64->256 (803,072) + 256->10 (2,570)
+    ("cnn_fast", FASHION, 10, 870_634),
     ("keras_cifar10", CIFAR, 10, 1_250_858),
     ("nb001_model7", CIFAR, 10, 1_250_858),
     ("nb002_exp1", CIFAR, 10, 356_874),
@@ -189,7 +192,7 @@ def test_minimum_input_size_is_exactly_where_keras_stops(params, monkeypatch):
                                                                          "mean 'strides'?"),
         ({"conv_head": [{"filters": 8}]}, "model.conv_head.kernel_size is required"),
         ({"name": "resnet", "filters": [[8]]}, "model.filters does not apply to model.name = 'resnet'; its keys are "),
-        ({"resnet": {"blocks": 3}}, "model.resnet does not apply to model.name = 'cnn'"),
+        ({"resnet": {"blocks": 3}}, "model.resnet does not apply to model.name = 'cnn_fast'"),
         ({"name": "resnet", "l2": [0.1]}, "model.l2: expected one value for model.name = 'resnet', not a list"),
         ({"name": "resnet", "resnet": {"blocks": 0}}, "model.resnet.blocks = 0: Input should be greater than or equal "),
         ({"filts": [[8]]}, "unknown key 'model.filts'; did you mean 'model.filters'?"),

@@ -122,7 +122,7 @@ def test_save_load_round_trip(tmp_path):
 
 @pytest.mark.parametrize("batch_norm, expected", [(False, 886_245), (True, 887_013)])
 def test_notebook_003_cnn_parameter_count(batch_norm, expected):
-    model = build_model(ModelConfig(batch_norm=batch_norm), (28, 28, 1), 5)
+    model = build_model(ModelConfig(name="cnn", batch_norm=batch_norm), (28, 28, 1), 5)
     assert model.count_params() == expected
 
 

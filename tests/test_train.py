@@ -52,6 +52,11 @@ def config(*overrides: str) -> Config:
     return validate(apply_overrides(tree, list(overrides)))
 
 
+def one_hot(cfg: Config, data) -> int | None:
+    """The label form the trained network's loss takes: one-hot under label smoothing (the default)."""
+    return len(data.class_names) if cfg.train.label_smoothing else None
+
+
 def rate(schedule, step: int) -> float:
     return float(keras.ops.convert_to_numpy(schedule(step)))
 
@@ -59,7 +64,7 @@ def rate(schedule, step: int) -> float:
 # --------------------------------------------------------------------------- defaults
 
 
-def test_defaults_are_adam_at_2e3_with_cosine_decay_to_zero_no_plateau_smoothing_or_augmentation():
+def test_defaults_are_adam_at_2e3_with_cosine_decay_to_zero_label_smoothing_no_plateau_or_augmentation():
     cfg = Config()
     optimizer = build_optimizer(cfg.optimizer)
     settings = optimizer.get_config()
@@ -69,7 +74,7 @@ def test_defaults_are_adam_at_2e3_with_cosine_decay_to_zero_no_plateau_smoothing
     schedule = learning_rate_schedule(cfg.optimizer, steps_per_epoch=400, epochs=5)
     assert rate(schedule, 0) == pytest.approx(2e-3) and rate(schedule, 2000) == pytest.approx(0.0)
     assert rate(schedule, 1000) == pytest.approx(1e-3)  # half way down a cosine
-    assert cfg.train.label_smoothing == 0 and cfg.train.initial_model is None
+    assert cfg.train.label_smoothing == 0.1 and cfg.train.initial_model is None
     assert build_augmenter(cfg.augment, cfg.seed) is None and not cfg.augment.enabled
     (early,) = build_callbacks(cfg.callbacks)  # no plateau reduction: the schedule lowers the rate
     assert (early.monitor, early.patience, early.restore_best_weights) == ("val_loss", 3, True)
@@ -189,7 +194,7 @@ def test_checkpoint_keeps_the_best_epoch_and_reports_it(data):
     result = train_model(cfg, data, verbose=0)
     val_loss = result.history["val_loss"].to_numpy()
     assert result.restored_epoch == int(val_loss.argmin()) + 1
-    val = make_dataset(data.val_x, data.val_y, data.stats, 16, shuffle=False)
+    val = make_dataset(data.val_x, data.val_y, data.stats, 16, shuffle=False, num_classes=one_hot(cfg, data))
     loss, _ = result.network.evaluate(val, verbose=0)
     assert loss == pytest.approx(val_loss.min(), rel=1e-5)  # the network holds the best epoch's weights
     assert totals(result, len(data.train_x))["restored_epoch"] == result.restored_epoch
@@ -242,7 +247,7 @@ def test_augmentation_is_seeded_random_and_on_the_training_split_only(data):
     assert not any(np.array_equal(a, b) for a, b in zip(same[0], first_epoch(None)))
 
     result = train_model(cfg, data, verbose=0)
-    val = make_dataset(data.val_x, data.val_y, data.stats, 16, shuffle=False)
+    val = make_dataset(data.val_x, data.val_y, data.stats, 16, shuffle=False, num_classes=one_hot(cfg, data))
     loss, _ = result.network.evaluate(val, verbose=0)
     assert loss == pytest.approx(result.history["val_loss"].iloc[-1], rel=1e-5)  # validation saw plain images
 
