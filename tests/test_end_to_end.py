@@ -36,7 +36,7 @@ def test_dvc_repro_end_to_end_then_only_later_stages_rerun(project, monkeypatch)
     assert len(runs) == 1
     r = runs[0]
     assert r.info.status == "FINISHED"
-    assert r.info.run_name == "cnn-adam-lr0.005-bs64"
+    assert r.info.run_name == "cnn_fast-adam-lr0.005-bs64"
     assert r.data.params["optimizer.name"] == "adam" and r.data.params["train.epochs"] == "3"
     assert r.data.params["data.source"] == "digits" and r.data.params["derived.input_shape"] == "8x8x1"
     for key in ["loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds"]:

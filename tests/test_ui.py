@@ -62,7 +62,7 @@ def ui(tmp_path_factory):
 def test_the_run_list_shows_both_runs_and_their_dataset(ui):
     ui.browser.open(f"{ui.url}/#/experiments/{ui.experiment_id}/runs")
     names = [run.info.run_name for run in ui.runs.values()]
-    assert names == ["cnn-adam-lr0.005-bs64", "cnn-sgd-lr0.05-bs64"]
+    assert names == ["cnn_fast-adam-lr0.005-bs64", "cnn_fast-sgd-lr0.05-bs64"]
     ui.browser.wait_for_text(*names)
     assert "digits-train" in ui.browser.text()  # the dataset input, named by train.log_inputs
 
@@ -71,7 +71,7 @@ def test_a_runs_page_shows_its_description_params_and_metrics(ui):
     run = ui.runs["adam"]
     description = run.data.tags[DESCRIPTION_TAG]
     first, *rest = description.splitlines()
-    assert first == f"cnn · adam, lr 0.005, cosine decay · batch 64 · {EPOCHS} epochs"
+    assert first == f"cnn_fast · adam, lr 0.005, cosine decay · batch 64 · {EPOCHS} epochs"
     assert rest[-1].startswith("result: test accuracy ")
     ui.browser.open(f"{ui.url}/#/experiments/{ui.experiment_id}/runs/{run.info.run_id}")
     ui.browser.wait_for_text(first, "val_accuracy")
