@@ -17,7 +17,9 @@ def predict_labels(model, images: np.ndarray, batch_size: int = BATCH) -> np.nda
     """Class indices for raw uint8 images (the model does its own preprocessing)."""
     if len(images) == 0:
         return np.zeros((0,), dtype="int64")
-    probs = model.predict(images, batch_size=batch_size, verbose=0)
+    from pipeline.train import image_batches
+
+    probs = model.predict(image_batches(images, batch_size), verbose=0)
     return np.asarray(probs).argmax(axis=1).astype("int64")
 
 

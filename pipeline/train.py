@@ -70,6 +70,10 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+PIPELINE_THREADS = 2  # batches prepared at once: a batch is one gather and one scaling, far cheaper than a step
+PREFETCH_BATCHES = 2  # ready batches kept ahead of the training step
+
+
 def make_dataset(x: np.ndarray, y: np.ndarray | None, stats: dict, batch_size: int, shuffle: bool, seed: int = 0,
                  *, num_classes: int | None = None, augment=None, epochs: tuple[int, int] = (0, 1)):
     """uint8 images batched, [augmented,] then normalised per batch with the preprocess statistics; prefetched.
@@ -117,12 +121,27 @@ def make_dataset(x: np.ndarray, y: np.ndarray | None, stats: dict, batch_size: i
         return images, batch_labels if num_classes is None else tf.one_hot(batch_labels, num_classes)
 
     # Not parallel with augmentation: a batch resets the layers' shared seed generators, then draws from them.
-    ds = ds.map(load, num_parallel_calls=None if augment is not None else tf.data.AUTOTUNE)
+    ds = ds.map(load, num_parallel_calls=None if augment is not None else PIPELINE_THREADS)
     # Under a tf.distribute strategy: split every global batch into per-replica slices (there are no files
     # to shard by; pipeline/distribute.py says what this gives). Ignored without one.
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    # No autotuning: deleting an autotuned iterator waits for tf.data's model thread to wake from its
+    # optimisation sleep (TF 2.21), which left the process idle for up to a minute at the end of fit, evaluate
+    # or predict (seen: 16-60 s in 4 of 10 trainings). A gather and a scaling per batch need no tuning.
+    options.autotune.enabled = False
+    return ds.with_options(options).prefetch(PREFETCH_BATCHES)
+
+
+def image_batches(images: np.ndarray, batch_size: int):
+    """Raw images in batches, in order, for the raw-pixel model's predict: Keras' own adapter would autotune
+    (see make_dataset)."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
+    return ds.with_options(options).prefetch(PREFETCH_BATCHES)
 
 
 AUGMENT_DRAWS_PER_BATCH = 1024  # room in a seed generator's counter for one batch's draws (each layer takes 1-3)
@@ -935,7 +954,7 @@ def log_model(model, example: np.ndarray) -> None:
     import tensorflow as tf
     from mlflow.models import infer_signature
 
-    signature = infer_signature(example, model.predict(example, verbose=0))
+    signature = infer_signature(example, model.predict(image_batches(example, len(example)), verbose=0))
     with _keras_flavor_saves_examples():
         mlflow.keras.log_model(
             model,
