@@ -93,10 +93,15 @@ def rounding_shift(raw_shape, input_shape) -> float:
     the resize, NumPy's here and the saved model's, round to the exact result wherever their error is
     under 0.5 / d (`EXACT_DENOMINATOR`). An odd d has no ties: the boundary stays at k + 0.5.
     """
-    if tuple(raw_shape[:2]) == tuple(input_shape[:2]):
-        return 0.0
-    d = bilinear_kernel(raw_shape[0], input_shape[0])[1] * bilinear_kernel(raw_shape[1], input_shape[1])[1]
+    d = resize_denominator(raw_shape, input_shape)
     return 0.5 / d if d % 2 == 0 else 0.0
+
+
+def resize_denominator(raw_shape, input_shape) -> int:
+    """d: every value of a bilinear resize from `raw_shape` to `input_shape` is (integer) / d; 1 without one."""
+    if tuple(raw_shape[:2]) == tuple(input_shape[:2]):
+        return 1
+    return bilinear_kernel(raw_shape[0], input_shape[0])[1] * bilinear_kernel(raw_shape[1], input_shape[1])[1]
 
 
 # Below this denominator, a float32 resize of pixels in 0..255 (two weighted terms per axis, all positive:
@@ -161,7 +166,8 @@ def to_pixels(images: np.ndarray, input_shape, batch: int = BATCH) -> np.ndarray
     gray_to_rgb = raw_shape[2] == 1 and input_shape[2] == 3
     shift = rounding_shift(raw_shape, input_shape)
     resize = raw_shape[:2] != input_shape[:2]
-    if resize and (raw_shape[2] == input_shape[2] or gray_to_rgb) and (shift == 0 or 0.5 / shift < EXACT_DENOMINATOR):
+    if resize and (raw_shape[2] == input_shape[2] or gray_to_rgb) and (
+            resize_denominator(raw_shape, input_shape) < EXACT_DENOMINATOR):
         out = _resize(images, input_shape[:2], np.float32(0.5 + shift))
         return np.repeat(out, 3, axis=-1) if gray_to_rgb else out
     layers = pixel_layers(raw_shape, input_shape)[:-1]  # the rounding is round_pixels'

@@ -93,10 +93,15 @@ def test_resize_is_exact_and_equals_the_saved_models_layers(raw_shape, input_sha
         assert np.abs(reference - ours).max() <= 1
 
 
-@pytest.mark.parametrize("raw_shape, input_shape", [((28, 28, 1), (57, 57, 1)), ((10, 10, 3), (8, 8, 1))])
+@pytest.mark.parametrize("raw_shape, input_shape", [((28, 28, 1), (57, 57, 1)), ((21, 21, 1), (101, 101, 1)),
+                                                     ((10, 10, 3), (8, 8, 1))])
 def test_other_conversions_run_the_saved_models_layers(raw_shape, input_shape):
-    """A resize whose fractions are too fine for float32 to be exact, or RGB to gray: the stage runs
-    the saved model's own layers and rounds as they do."""
+    """A resize whose fractions are too fine for float32 to be exact (an even denominator, 12,996, and an
+    odd one, 10,201: no ties, but values as close to the boundaries), or RGB to gray: the stage runs the
+    saved model's own layers and rounds as they do."""
+    from pipeline.preprocess import EXACT_DENOMINATOR, resize_denominator
+
+    assert input_shape[2] < raw_shape[2] or resize_denominator(raw_shape, input_shape) >= EXACT_DENOMINATOR
     x = np.random.default_rng(4).integers(0, 256, (50, *raw_shape), dtype="uint8")
     ours = to_pixels(x, input_shape)
     layered = x.astype("float32")
