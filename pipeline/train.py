@@ -124,13 +124,21 @@ def make_dataset(x: np.ndarray, y: np.ndarray | None, stats: dict, batch_size: i
     ds = ds.map(load, num_parallel_calls=None if augment is not None else PIPELINE_THREADS)
     # Under a tf.distribute strategy: split every global batch into per-replica slices (there are no files
     # to shard by; pipeline/distribute.py says what this gives). Ignored without one.
-    options = tf.data.Options()
+    options = _pipeline_options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    # No autotuning: deleting an autotuned iterator waits for tf.data's model thread to wake from its
-    # optimisation sleep (TF 2.21), which left the process idle for up to a minute at the end of fit, evaluate
-    # or predict (seen: 16-60 s in 4 of 10 trainings). A gather and a scaling per batch need no tuning.
-    options.autotune.enabled = False
     return ds.with_options(options).prefetch(PREFETCH_BATCHES)
+
+
+def _pipeline_options():
+    """tf.data options for every pipeline of ours: no autotuning. Deleting an autotuned iterator waits for
+    tf.data's model thread to wake from its optimisation sleep (TF 2.21), which left the process idle for
+    up to a minute at the end of fit, evaluate or predict (seen: 16-60 s in 4 of 10 trainings). A gather
+    and a scaling per batch need no tuning."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
 
 
 def image_batches(images: np.ndarray, batch_size: int):
@@ -138,10 +146,8 @@ def image_batches(images: np.ndarray, batch_size: int):
     (see make_dataset)."""
     import tensorflow as tf
 
-    options = tf.data.Options()
-    options.autotune.enabled = False
     ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-    return ds.with_options(options).prefetch(PREFETCH_BATCHES)
+    return ds.with_options(_pipeline_options()).prefetch(PREFETCH_BATCHES)
 
 
 AUGMENT_DRAWS_PER_BATCH = 1024  # room in a seed generator's counter for one batch's draws (each layer takes 1-3)
