@@ -13,7 +13,8 @@ the last one logged.
 
 The store is checked up front (`connect`) with MLflow's HTTP retries turned
 off, so an unreachable tracking server fails the stage in seconds, in one line
-naming its URI, before any work; later requests keep MLflow's own retries.
+naming its URI, before any work (evaluate and predict: while their model
+predicts, before they write anything); later requests keep MLflow's own retries.
 """
 
 from __future__ import annotations
@@ -73,6 +74,22 @@ def connect(cfg: Config):
     except Exception as exc:  # any store error: unreachable server, bad URI, locked database
         raise store_error(uri, exc) from None
     return experiment
+
+
+def connect_in_background(cfg: Config):
+    """`connect(cfg)` on a thread: a Future of the experiment, for `run_scope(..., connection=)`.
+
+    Opening the store takes about a second (SQLite: SQLAlchemy's engine and MLflow's schema check) of
+    Python and I/O; evaluate and predict start it before their model predicts and use it afterwards,
+    so it costs them almost nothing. Call it after importing mlflow and keras (not while the main
+    thread imports either). Errors come out of `.result()`, as `connect` raises them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-connect")
+    try:
+        return pool.submit(connect, cfg)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with the call; interpreter exit waits for it
 
 
 def open_store(uri: str, must_exist: bool = False):
@@ -286,17 +303,18 @@ def environment_tags(device: str | None = None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def run_scope(cfg: Config, run_id: str | None = None, tags: dict | None = None) -> Iterator[str]:
+def run_scope(cfg: Config, run_id: str | None = None, tags: dict | None = None, connection=None) -> Iterator[str]:
     """Start (or reopen) a run and always end it: FINISHED, FAILED with the error, or KILLED.
 
     Reopens `run_id` when given, else the run `mlflow run` created
     (MLFLOW_RUN_ID), else starts a new one named after its key params. First
     marks FAILED the runs that killed processes of this host left RUNNING
     (fail_abandoned_runs), and tags the run with this host and process.
+    connection: `connect_in_background(cfg)`'s Future, when the caller opened the store ahead.
     """
     import mlflow
 
-    experiment = connect(cfg)
+    experiment = connection.result() if connection is not None else connect(cfg)
     current = mlflow.active_run()
     if current is not None and run_id in (None, current.info.run_id):
         yield current.info.run_id  # nested in an outer scope (`pipeline run`), which ends the run

@@ -194,3 +194,16 @@ def test_killed_training_resumes_under_dvc_and_ends_as_if_never_interrupted(proj
     weights, reference_weights = (keras.models.load_model(project / "data" / name / "model.keras").get_weights()
                                   for name in ("train", "reference"))
     assert all((a == b).all() for a, b in zip(weights, reference_weights))
+
+
+def test_evaluate_and_predict_with_an_unreachable_store_fail_in_one_line_writing_nothing(project):
+    # They open the store on a thread while their model predicts: its error still ends them, before any output.
+    for stage in ("fetch", "preprocess", "train"):
+        run(["pipeline", stage], project)
+    uri = f"http://127.0.0.1:{closed_port()}"
+    for stage, output in (("evaluate", "data/evaluate"), ("predict", "data/predictions.csv")):
+        done = run(["pipeline", stage], project, check=False, env={"MLFLOW_TRACKING_URI": uri})
+        assert_one_line_error(done, f"MLflow tracking store '{uri}' cannot be reached (", "Connection refused")
+        assert not (project / output).exists()
+    run(["pipeline", "predict"], project)  # the local store is still fine
+    assert (project / "data/predictions.csv").is_file()
