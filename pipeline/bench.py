@@ -59,6 +59,8 @@ class Sizes:
 
 FULL = Sizes(train_images=None, epochs=5, tracking_epochs=3, preprocess_size=48, predict_images=10_000,
              models=("cnn", "cnn_bn"))
+PREPROCESS_REPEATS = (2, 5)  # timings of (the PIL loop, the stage), the best of each kept
+
 QUICK = Sizes(train_images=256, epochs=2, tracking_epochs=2, preprocess_size=16, predict_images=300,
               models=("cnn",), overrides=TINY)
 
@@ -252,22 +254,35 @@ def preprocess_figure(raw, base: Config, sizes: Sizes, quick, echo) -> Figure:
     cfg = base.preprocess.model_copy(update={"image_size": (size, size)})
     images = np.concatenate([raw.train_x, raw.test_x]) if raw.test_x is not None else raw.train_x
     echo(f"bench: preprocess {len(images)} images to {size}x{size}: PIL loop ...")
-    start = time.perf_counter()
     out = np.empty((len(images), size, size, images.shape[-1]), dtype="float32")
-    for i, image in enumerate(images):  # as the notebooks resize: one image at a time
-        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-        out[i] = np.asarray(pil.resize((size, size), Image.BILINEAR), dtype="float32").reshape(size, size, -1) / 255.0
-    baseline = time.perf_counter() - start
+
+    def pil_loop():
+        for i, image in enumerate(images):  # as the notebooks resize: one image at a time
+            pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+            out[i] = np.asarray(pil.resize((size, size), Image.BILINEAR), dtype="float32").reshape(size, size, -1) / 255.0
+
+    baseline = _best_of(PREPROCESS_REPEATS[0], pil_loop)
     echo("bench: preprocess: the stage ...")
     # warm, as the loop's PIL is: the first call's imports (scikit-learn's split) and resize weights
     warm = replace(raw, train_x=raw.train_x[:500], train_y=raw.train_y[:500], test_x=None, test_y=None)
     preprocess.preprocess(warm, cfg, base.seed)
-    start = time.perf_counter()
-    preprocess.preprocess(raw, cfg, base.seed)
-    ours = time.perf_counter() - start
+    ours = _best_of(PREPROCESS_REPEATS[1], lambda: preprocess.preprocess(raw, cfg, base.seed))
     return Figure(f"preprocess {len(images)} images to {size}x{size} and normalise", ours, baseline, "s",
                   baseline / ours, ">= 20x", None if quick else baseline / ours >= 20,
-                  "a per-image PIL resize loop", "ours includes the stratified split and statistics; both warm")
+                  "a per-image PIL resize loop",
+                  f"ours includes the stratified split and statistics; both warm, best of {PREPROCESS_REPEATS[1]} "
+                  f"(ours) and {PREPROCESS_REPEATS[0]} (the loop)")
+
+
+def _best_of(repeats: int, work) -> float:
+    """The shortest of `repeats` timings of work(): a run under a second varies with the machine's other
+    work and with page faults on freshly allocated output (seen: 0.22-0.7 s for one preprocess)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def main_job_figures(params, sizes, quick, echo) -> list[Figure]:
