@@ -444,7 +444,7 @@ class ScheduleConfig(Section):
 
 class OptimizerConfig(Section):
     name: Literal["sgd", "rmsprop", "adam", "adamax", "adadelta", "adagrad", "nadam"] = "adam"
-    learning_rate: float = Field(2e-3, gt=0.0)  # with a schedule, its starting rate (cosine with warm-up: its peak)
+    learning_rate: float = Field(3e-3, gt=0.0)  # with a schedule, its starting rate (cosine with warm-up: its peak)
     # Per-optimizer params (see OPTIMIZER_PARAMS); null = Keras 3's default for the chosen optimizer.
     momentum: Optional[float] = Field(None, ge=0.0, lt=1.0)  # sgd, rmsprop
     nesterov: Optional[bool] = None  # sgd
@@ -473,7 +473,7 @@ class OptimizerConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(3, ge=1)
     batch_size: int = Field(128, ge=1)  # the global batch: batch_size / replicas on each replica (pipeline/distribute.py)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # > 0: one-hot labels, CategoricalCrossentropy(label_smoothing)
     initial_model: Optional[str] = None  # a model.keras saved by the train stage: start from its network's weights

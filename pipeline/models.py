@@ -77,8 +77,9 @@ PRESETS: dict[str, dict] = {
     "cnn": CNN,
     "cnn_bn": _preset(CNN, batch_norm=[[True, True], [True, False]], block_batch_norm=[False, True]),  # model 7
     # ours, the default: notebook 003's CNN with 3x3 kernels in the first block too: 1.7x fewer multiply-adds
-    # per image (19 M against 32 M on 28x28), 1.4x faster to train on a CPU, as accurate in the default recipe
-    "cnn_fast": _preset(CNN, kernel_sizes=[3, 3]),
+    # per image (19 M against 32 M on 28x28), 1.4x faster to train on a CPU; and no dropout after the blocks
+    # (the dense layer keeps its 0.25), which a 3-epoch training needs to reach 92% (91.15% with it)
+    "cnn_fast": _preset(CNN, kernel_sizes=[3, 3], dropout=0.0),
     "lenet5": _preset(
         CNN, filters=[[6], [16]], kernel_sizes=[5, 5], padding=["same", "valid"], activation="tanh", pool="average",
         pool_strides=[1, 2], dropout=0.0, dense=[120, 84], dense_dropout=0.0,

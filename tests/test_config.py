@@ -30,7 +30,7 @@ def test_overrides_apply_and_are_typed(tmp_path):
 
 def test_flat_has_dotted_keys():
     flat = Config().flat()
-    assert flat["optimizer.learning_rate"] == 0.002
+    assert flat["optimizer.learning_rate"] == 0.003
     assert flat["callbacks.early_stopping.patience"] == 3
     assert not any(isinstance(v, dict) for v in flat.values())
 
