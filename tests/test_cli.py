@@ -108,6 +108,8 @@ def closed_port() -> int:
 
 
 def test_unreachable_tracking_server_fails_before_training_in_one_line(project):
+    run(["pipeline", "fetch"], project)
+    run(["pipeline", "preprocess"], project)
     uri = f"http://127.0.0.1:{closed_port()}"
     start = time.monotonic()
     done = run(["pipeline", "train"], project, check=False, env={"MLFLOW_TRACKING_URI": uri})
