@@ -84,9 +84,20 @@ def connect_in_background(cfg: Config):
     model predicts. Import mlflow first: the thread then imports SQLAlchemy, Alembic and MLflow's store,
     and of those 417 modules only `timeit` is one that TensorFlow and Keras import too (counted with
     TensorFlow 2.21 and MLflow 3.17), so the two threads almost never wait on one module's import lock.
-    Errors come out of `.result()`, as `connect` raises them."""
-    from concurrent.futures import ThreadPoolExecutor
+    A SQLite store outside the working directory opens here and now instead: opening it changes the
+    working directory for a moment (`_opening_database`), which the main thread's relative paths would
+    see. Errors come out of `.result()`, as `connect` raises them."""
+    from concurrent.futures import Future, ThreadPoolExecutor
 
+    folder = _database_folder(cfg.tracking_uri())
+    if folder and not os.path.samefile(folder, os.getcwd()):
+        # opening it moves the process into its folder (_opening_database): not behind the main thread's back
+        done = Future()
+        try:
+            done.set_result(connect(cfg))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
     pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-connect")
     try:
         return pool.submit(connect, cfg)
@@ -148,9 +159,8 @@ def _opening_database(uri: str) -> Iterator[None]:
     """
     import fcntl
 
-    prefix = "sqlite:///"
-    folder = os.path.dirname(os.path.abspath(uri[len(prefix):])) if uri.startswith(prefix) else ""
-    if not folder or not os.path.isdir(folder) or uri == prefix + ":memory:":
+    folder = _database_folder(uri)
+    if not folder:
         yield
         return
     here = os.getcwd()
@@ -162,6 +172,15 @@ def _opening_database(uri: str) -> Iterator[None]:
     finally:
         os.chdir(here)
         os.close(descriptor)  # releases the lock
+
+
+def _database_folder(uri: str) -> str:
+    """The folder of a SQLite store's file (absolute), when it exists; '' for anything else."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri == prefix + ":memory:":
+        return ""
+    folder = os.path.dirname(os.path.abspath(uri[len(prefix):]))
+    return folder if os.path.isdir(folder) else ""
 
 
 def dvc_experiment_tags() -> dict[str, str]:
@@ -325,7 +344,14 @@ def run_scope(cfg: Config, run_id: str | None = None, tags: dict | None = None, 
     fail_abandoned_runs(experiment.experiment_id, keep=run_id)
     owner = {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid()), **dvc_experiment_tags()}
     if run_id:
-        active = mlflow.start_run(run_id=run_id)
+        try:
+            active = mlflow.start_run(run_id=run_id)
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise PipelineError(f"MLflow run {run_id} is not in the tracking store {mlflow.get_tracking_uri()!r} "
+                                "(another store, or one deleted since the run was made); use the store it is "
+                                "in, or rerun the training (`dvc repro --force train`)") from None
         mlflow.set_tags(owner)
     else:
         active = mlflow.start_run(run_name=default_run_name(cfg), tags={**(tags or {}), **owner})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -207,5 +208,12 @@ def test_evaluate_and_predict_with_an_unreachable_store_fail_in_one_line_writing
         done = run(["pipeline", stage], project, check=False, env={"MLFLOW_TRACKING_URI": uri})
         assert_one_line_error(done, f"MLflow tracking store '{uri}' cannot be reached (", "Connection refused")
         assert not (project / output).exists()
+    # a store that works but lacks the training's run (moved, deleted): one line naming both, nothing written
+    other = f"sqlite:///{project.parent / 'other' / 'mlflow.db'}"
+    (project.parent / "other").mkdir()
+    run_id = json.loads((project / "data/train/run.json").read_text())["run_id"]
+    done = run(["pipeline", "predict"], project, check=False, env={"MLFLOW_TRACKING_URI": other})
+    assert_one_line_error(done, f"MLflow run {run_id} is not in the tracking store '{other}'")
+    assert not (project / "data/predictions.csv").exists()
     run(["pipeline", "predict"], project)  # the local store is still fine
     assert (project / "data/predictions.csv").is_file()
