@@ -421,3 +421,29 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    if "tensorflow" in sys.modules and _is_the_program():
+        _exit_now()
+
+
+def _is_the_program() -> bool:
+    """Whether this process is the `pipeline` command (its console script, or `python -m pipeline`), rather than
+    a program that calls main() and goes on afterwards (tests do)."""
+    program = sys.modules.get("__main__")
+    spec = getattr(program, "__spec__", None)
+    return (spec is not None and spec.name == "pipeline.__main__") or (
+        Path(getattr(program, "__file__", None) or "").name == "pipeline")
+
+
+def _exit_now() -> None:
+    """Exit 0 at once after a command that loaded TensorFlow, skipping the interpreter's own finalisation.
+
+    Tearing down TensorFlow's and Keras' thousands of modules and objects took 1.4-1.5 s after every train,
+    evaluate and predict stage had finished (measured on 2 cores; about 5 s of the main job). Everything
+    is written by then: files are closed and renamed, MLflow commits each call. The exit handlers still run
+    (MLflow's, logging's flush); only the teardown is skipped."""
+    import atexit
+
+    atexit._run_exitfuncs()  # noqa: SLF001 - CPython's own exit handlers, as a normal exit runs them
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
