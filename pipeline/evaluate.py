@@ -405,9 +405,7 @@ def predict_probs(network, x: np.ndarray, stats: dict, batch_size: int = 1024) -
 
 
 def main(cfg, data_dir, train_dir, metrics_path, plots_dir, figures_dir) -> dict:
-    """The stage: evaluate the trained network on val and test; write and log metrics and plots.
-
-    The MLflow store opens on a thread while the network predicts (see predict.main)."""
+    """The stage: evaluate the trained network on val and test; write and log metrics and plots."""
     import keras
     import mlflow
 
@@ -419,17 +417,16 @@ def main(cfg, data_dir, train_dir, metrics_path, plots_dir, figures_dir) -> dict
     train_dir, figures_dir = Path(train_dir), Path(figures_dir)
     run = read_json(train_dir / "run.json")
     history = pd.read_csv(train_dir / "history.csv")
-    connection = tracking.connect_in_background(cfg)  # the store opens while the network predicts
-    network = keras.models.load_model(train_dir / "model.keras").get_layer("network")
-    splits = {"val": (data.val_x, data.val_y)}
-    if data.test_x is not None:
-        splits["test"] = (data.test_x, data.test_y)
-    results, predicted = {}, {}
-    for split, (x, y) in splits.items():
-        probs = predict_probs(network, x, data.stats)
-        results[split] = classification_metrics(y, probs, data.class_names)
-        predicted[split] = (y, probs.argmax(axis=1))
-    with tracking.run_scope(cfg, run_id=run["run_id"], connection=connection):
+    with tracking.run_scope(cfg, run_id=run["run_id"]):
+        network = keras.models.load_model(train_dir / "model.keras").get_layer("network")
+        splits = {"val": (data.val_x, data.val_y)}
+        if data.test_x is not None:
+            splits["test"] = (data.test_x, data.test_y)
+        results, predicted = {}, {}
+        for split, (x, y) in splits.items():
+            probs = predict_probs(network, x, data.stats)
+            results[split] = classification_metrics(y, probs, data.class_names)
+            predicted[split] = (y, probs.argmax(axis=1))
         headline = {f"{split}_{key}": results[split][key] for split in results for key in ("accuracy", "loss")}
         report = {**headline, "per_class_accuracy": {s: r["per_class_accuracy"] for s, r in results.items()},
                   "confusion_matrix": {s: r["confusion_matrix"] for s, r in results.items()},

@@ -41,10 +41,7 @@ def images_to_predict(raw) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(cfg: Config, raw_dir, train_dir, out_csv) -> Path:
-    """The stage: raw images from the fetch stage through the saved model; CSV logged to the training run.
-
-    The MLflow store opens on a thread while the model predicts; the run is reopened only to log the CSV,
-    so a model that fails to load or predict leaves the training's run as it was."""
+    """The stage: raw images from the fetch stage through the saved model; CSV logged to the training run."""
     import keras
     import mlflow
 
@@ -54,10 +51,9 @@ def main(cfg: Config, raw_dir, train_dir, out_csv) -> Path:
     raw = fetch.load_raw(raw_dir)
     images, ids = images_to_predict(raw)
     run = read_json(Path(train_dir) / "run.json")
-    connection = tracking.connect_in_background(cfg)
-    model = keras.models.load_model(Path(train_dir) / "model.keras")
-    frame = predictions_frame(ids, predict_labels(model, images), raw.class_names, cfg.predict)
-    with tracking.run_scope(cfg, run_id=run["run_id"], connection=connection):
+    with tracking.run_scope(cfg, run_id=run["run_id"]):
+        model = keras.models.load_model(Path(train_dir) / "model.keras")
+        frame = predictions_frame(ids, predict_labels(model, images), raw.class_names, cfg.predict)
         out_csv = Path(out_csv)
         with atomic_path(out_csv) as tmp:
             frame.to_csv(tmp, index=False)

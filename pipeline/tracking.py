@@ -13,8 +13,7 @@ the last one logged.
 
 The store is checked up front (`connect`) with MLflow's HTTP retries turned
 off, so an unreachable tracking server fails the stage in seconds, in one line
-naming its URI, before any work (evaluate and predict: while their model
-predicts, before they write anything); later requests keep MLflow's own retries.
+naming its URI, before any work; later requests keep MLflow's own retries.
 """
 
 from __future__ import annotations
@@ -76,35 +75,6 @@ def connect(cfg: Config):
     return experiment
 
 
-def connect_in_background(cfg: Config):
-    """`connect(cfg)` on a thread: a Future of the experiment, for `run_scope(..., connection=)`.
-
-    Opening the store takes 1-2 s (SQLite: SQLAlchemy's engine and MLflow's schema check, or its creation)
-    of Python and I/O; the train stage opens it while TensorFlow loads, evaluate and predict while their
-    model predicts. Import mlflow first: the thread then imports SQLAlchemy, Alembic and MLflow's store,
-    and of those 417 modules only `timeit` is one that TensorFlow and Keras import too (counted with
-    TensorFlow 2.21 and MLflow 3.17), so the two threads almost never wait on one module's import lock.
-    A SQLite store outside the working directory opens here and now instead: opening it changes the
-    working directory for a moment (`_opening_database`), which the main thread's relative paths would
-    see. Errors come out of `.result()`, as `connect` raises them."""
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    folder = _database_folder(cfg.tracking_uri())
-    if folder and not os.path.samefile(folder, os.getcwd()):
-        # opening it moves the process into its folder (_opening_database): not behind the main thread's back
-        done = Future()
-        try:
-            done.set_result(connect(cfg))
-        except Exception as exc:
-            done.set_exception(exc)
-        return done
-    pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-connect")
-    try:
-        return pool.submit(connect, cfg)
-    finally:
-        pool.shutdown(wait=False)  # the thread ends with the call; interpreter exit waits for it
-
-
 def open_store(uri: str, must_exist: bool = False):
     """A client of the store at `uri`, checked like `connect` but creating no experiment (for commands
     that read runs: compare, register). must_exist: a SQLite file that does not exist is an error, not a
@@ -159,8 +129,9 @@ def _opening_database(uri: str) -> Iterator[None]:
     """
     import fcntl
 
-    folder = _database_folder(uri)
-    if not folder:
+    prefix = "sqlite:///"
+    folder = os.path.dirname(os.path.abspath(uri[len(prefix):])) if uri.startswith(prefix) else ""
+    if not folder or not os.path.isdir(folder) or uri == prefix + ":memory:":
         yield
         return
     here = os.getcwd()
@@ -172,15 +143,6 @@ def _opening_database(uri: str) -> Iterator[None]:
     finally:
         os.chdir(here)
         os.close(descriptor)  # releases the lock
-
-
-def _database_folder(uri: str) -> str:
-    """The folder of a SQLite store's file (absolute), when it exists; '' for anything else."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or uri == prefix + ":memory:":
-        return ""
-    folder = os.path.dirname(os.path.abspath(uri[len(prefix):]))
-    return folder if os.path.isdir(folder) else ""
 
 
 def dvc_experiment_tags() -> dict[str, str]:
@@ -324,18 +286,17 @@ def environment_tags(device: str | None = None) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def run_scope(cfg: Config, run_id: str | None = None, tags: dict | None = None, connection=None) -> Iterator[str]:
+def run_scope(cfg: Config, run_id: str | None = None, tags: dict | None = None) -> Iterator[str]:
     """Start (or reopen) a run and always end it: FINISHED, FAILED with the error, or KILLED.
 
     Reopens `run_id` when given, else the run `mlflow run` created
     (MLFLOW_RUN_ID), else starts a new one named after its key params. First
     marks FAILED the runs that killed processes of this host left RUNNING
     (fail_abandoned_runs), and tags the run with this host and process.
-    connection: `connect_in_background(cfg)`'s Future, when the caller opened the store ahead.
     """
     import mlflow
 
-    experiment = connection.result() if connection is not None else connect(cfg)
+    experiment = connect(cfg)
     current = mlflow.active_run()
     if current is not None and run_id in (None, current.info.run_id):
         yield current.info.run_id  # nested in an outer scope (`pipeline run`), which ends the run

@@ -842,15 +842,11 @@ def main(cfg: Config, data_dir, raw_dir, out_dir, worker_wait: float | None = No
         backup = Backup(resume_folder(out_dir), resume_key(cfg, data), readonly=True)
         train_model(cfg, data, verbose=0, backup=backup, placement=placement)
         return None
-    # The store opens (about 2 s for a new SQLite file: MLflow creates its schema) while TensorFlow loads (3 s).
-    connection = tracking.connect_in_background(cfg)
+    experiment = tracking.connect(cfg)  # an unreachable store fails here, before anything is loaded or trained
     data = load_prepared(data_dir)
     manifest = read_json(Path(raw_dir) / "manifest.json")
     digest = fetch.dataset_digest(manifest)
-    if cfg.train.distribute == "multi_worker":
-        connection.result()  # an unreachable store fails here, before the workers meet
     placement = distribute.place(cfg.train.distribute, cfg.train.device, where, wait_seconds=wait)
-    experiment = connection.result()  # an unreachable store fails here, before anything is trained
     backup = Backup(resume_folder(out_dir), resume_key(cfg, data))
     snapshot = backup.latest()
     resumed = snapshot.state["extra"].get("run_id") if snapshot is not None else None

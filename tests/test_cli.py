@@ -200,7 +200,7 @@ def test_killed_training_resumes_under_dvc_and_ends_as_if_never_interrupted(proj
 
 
 def test_evaluate_and_predict_with_an_unreachable_store_fail_in_one_line_writing_nothing(project):
-    # They open the store on a thread while their model predicts: its error still ends them, before any output.
+    # They reopen the training's run: a store that cannot be used ends them in one line, before any output.
     for stage in ("fetch", "preprocess", "train"):
         run(["pipeline", stage], project)
     uri = f"http://127.0.0.1:{closed_port()}"
