@@ -64,16 +64,16 @@ def rate(schedule, step: int) -> float:
 # --------------------------------------------------------------------------- defaults
 
 
-def test_defaults_are_adam_at_2e3_with_cosine_decay_to_zero_label_smoothing_no_plateau_or_augmentation():
+def test_defaults_are_adam_at_3e3_with_cosine_decay_to_zero_label_smoothing_no_plateau_or_augmentation():
     cfg = Config()
     optimizer = build_optimizer(cfg.optimizer)
     settings = optimizer.get_config()
-    assert type(optimizer) is keras.optimizers.Adam and settings["learning_rate"] == pytest.approx(2e-3)
+    assert type(optimizer) is keras.optimizers.Adam and settings["learning_rate"] == pytest.approx(3e-3)
     assert (settings["beta_1"], settings["beta_2"], settings["epsilon"]) == (0.9, 0.999, 1e-7)  # Keras' own
     assert settings["clipnorm"] is settings["clipvalue"] is settings["global_clipnorm"] is None
     schedule = learning_rate_schedule(cfg.optimizer, steps_per_epoch=400, epochs=5)
-    assert rate(schedule, 0) == pytest.approx(2e-3) and rate(schedule, 2000) == pytest.approx(0.0)
-    assert rate(schedule, 1000) == pytest.approx(1e-3)  # half way down a cosine
+    assert rate(schedule, 0) == pytest.approx(3e-3) and rate(schedule, 2000) == pytest.approx(0.0)
+    assert rate(schedule, 1000) == pytest.approx(1.5e-3)  # half way down a cosine
     assert cfg.train.label_smoothing == 0.1 and cfg.train.initial_model is None
     assert build_augmenter(cfg.augment, cfg.seed) is None and not cfg.augment.enabled
     (early,) = build_callbacks(cfg.callbacks)  # no plateau reduction: the schedule lowers the rate
