@@ -409,21 +409,18 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of stage logs
     try:
         code = cli.main(standalone_mode=False, prog_name="pipeline")  # click's Exit(n) (--help: 0) returns n
-    except click.exceptions.Abort:
+        code = code if isinstance(code, int) else 0
+    except (click.exceptions.Abort, KeyboardInterrupt):  # the run, if any, has ended KILLED
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        code = 130
     except click.ClickException as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except PipelineError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    code = code if isinstance(code, int) else 0
+        code = 1
     if "tensorflow" in sys.modules and _is_the_program():
-        _exit_now(code)
+        _exit_now(code)  # also after an error or Ctrl-C: everything is ended and cleaned up by now
     if code:
         sys.exit(code)
 
