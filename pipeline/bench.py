@@ -59,10 +59,9 @@ class Sizes:
 
 FULL = Sizes(train_images=None, epochs=5, tracking_epochs=3, preprocess_size=48, predict_images=10_000,
              models=("cnn", "cnn_bn"))
-PREPROCESS_REPEATS = (2, 5)  # timings of (the PIL loop, the stage), the best of each kept
-
 QUICK = Sizes(train_images=256, epochs=2, tracking_epochs=2, preprocess_size=16, predict_images=300,
               models=("cnn",), overrides=TINY)
+PREPROCESS_REPEATS = (2, 5)  # timings of (the PIL loop, the stage), the best of each kept
 
 
 @dataclass
@@ -261,12 +260,12 @@ def preprocess_figure(raw, base: Config, sizes: Sizes, quick, echo) -> Figure:
             pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
             out[i] = np.asarray(pil.resize((size, size), Image.BILINEAR), dtype="float32").reshape(size, size, -1) / 255.0
 
-    baseline = _best_of(PREPROCESS_REPEATS[0], pil_loop)
+    baseline = best_of(PREPROCESS_REPEATS[0], pil_loop)
     echo("bench: preprocess: the stage ...")
     # warm, as the loop's PIL is: the first call's imports (scikit-learn's split) and resize weights
     warm = replace(raw, train_x=raw.train_x[:500], train_y=raw.train_y[:500], test_x=None, test_y=None)
     preprocess.preprocess(warm, cfg, base.seed)
-    ours = _best_of(PREPROCESS_REPEATS[1], lambda: preprocess.preprocess(raw, cfg, base.seed))
+    ours = best_of(PREPROCESS_REPEATS[1], lambda: preprocess.preprocess(raw, cfg, base.seed))
     return Figure(f"preprocess {len(images)} images to {size}x{size} and normalise", ours, baseline, "s",
                   baseline / ours, ">= 20x", None if quick else baseline / ours >= 20,
                   "a per-image PIL resize loop",
@@ -274,9 +273,10 @@ def preprocess_figure(raw, base: Config, sizes: Sizes, quick, echo) -> Figure:
                   f"(ours) and {PREPROCESS_REPEATS[0]} (the loop)")
 
 
-def _best_of(repeats: int, work) -> float:
+def best_of(repeats: int, work) -> float:
     """The shortest of `repeats` timings of work(): a run under a second varies with the machine's other
-    work and with page faults on freshly allocated output (seen: 0.22-0.7 s for one preprocess)."""
+    work and with page faults on freshly allocated output (seen: 0.22-0.7 s for one preprocess). Also
+    scripts/bench-compare.py's timing."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -73,15 +73,6 @@ def log_runs(client, experiment_id: str, count: int) -> None:
         client.set_terminated(run_id, "FINISHED")
 
 
-def best_of(repeat: int, fn) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100)
@@ -93,6 +84,7 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     from pipeline import compare
+    from pipeline.bench import best_of
 
     if args.keep:
         args.keep.mkdir(parents=True)
