@@ -27,6 +27,7 @@ from pipeline.train import (
     build_augmenter,
     build_callbacks,
     build_optimizer,
+    fuse_batch_norm,
     learning_rate_schedule,
     make_dataset,
     totals,
@@ -443,3 +444,57 @@ def test_the_saved_model_loads_with_plain_keras_whatever_the_schedule(data, tmp_
     wrapper.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras")
     assert np.array_equal(loaded.predict(data.val_x, verbose=0), predict_probs(result.network, data.val_x, data.stats))
+
+
+# --------------------------------------------------------------------------- fused batch norm
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_trains_as_keras_batch_norm_does(precision):
+    """The fused kernel gives Keras' outputs, gradients and moving statistics, on conv (4-D) and dense (2-D)
+    batch norm, and leaves inference and the layers' config alone."""
+    import tensorflow as tf
+
+    def network():
+        keras.utils.set_random_seed(3)
+        inputs = keras.Input((6, 6, 3), name="image")
+        x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+        x = keras.layers.BatchNormalization(momentum=0.9, name="bn_conv")(x)
+        x = keras.layers.Flatten(name="flatten")(x)
+        x = keras.layers.Dense(5, name="dense")(x)
+        x = keras.layers.BatchNormalization(center=False, name="bn_dense")(x)
+        return keras.Model(inputs, keras.layers.Dense(2, dtype="float32", name="out")(x), name="net")
+
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        keras_net, fused_net = network(), network()
+    finally:
+        keras.mixed_precision.set_global_policy(before)
+    assert fuse_batch_norm(fused_net) == 2
+    x = tf.constant(np.random.default_rng(1).normal(2.0, 3.0, (8, 6, 6, 3)).astype("float32"))
+    results = []
+    for net in (keras_net, fused_net):
+        with tf.GradientTape() as tape:
+            y = net(x, training=True)
+            loss = tf.reduce_sum(tf.square(tf.cast(y, "float32")))
+        grads = tape.gradient(loss, net.trainable_variables)
+        stats = [v.numpy() for v in net.non_trainable_variables]
+        results.append((y.numpy(), [g.numpy() for g in grads], stats, net(x, training=False).numpy()))
+    tolerance = {"float32": 1e-4, "mixed_bfloat16": 2e-2}[precision]
+    (y0, g0, s0, i0), (y1, g1, s1, i1) = results
+    np.testing.assert_allclose(y1, y0, rtol=tolerance, atol=tolerance)
+    scale = max(np.abs(g).max() for g in g0)  # the conv's bias gradient is 0 up to rounding: batch norm cancels it
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * scale)
+    for a, b in zip(s1, s0):  # moving mean and variance after one step
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(i1, i0, rtol=tolerance, atol=tolerance)
+    assert fused_net.get_config() == keras_net.get_config()
+
+    def op_types(net, training):
+        graph = tf.function(lambda: net(x, training=training)).get_concrete_function().graph
+        return {op.type for op in graph.get_operations()}
+
+    assert "FusedBatchNormV3" in op_types(fused_net, True) and "FusedBatchNormV3" not in op_types(keras_net, True)
+    assert "FusedBatchNormV3" not in op_types(fused_net, False)
