@@ -38,7 +38,8 @@ def test_split_is_stratified_and_seeded():
     assert a.stats["counts"] == {"train": 80, "val": 20, "test": 12, "unlabeled": 5}
 
 
-def test_resize_channels_and_standardize_stats():
+def test_resize_channels_and_standardize_stats(monkeypatch):
+    monkeypatch.setattr("pipeline.preprocess.HISTOGRAM_CHUNK", 97)  # the histograms add up over many chunks
     raw = raw_dataset(shape=(8, 8, 1))
     prepared = preprocess(raw, PreprocessConfig(image_size=(12, 10), channels="rgb", normalize="standardize"), seed=0)
     assert prepared.train_x.shape[1:] == (12, 10, 3) and prepared.train_x.dtype == np.uint8
@@ -108,6 +109,15 @@ def test_other_conversions_run_the_saved_models_layers(raw_shape, input_shape):
     for layer in pixel_layers(raw_shape, input_shape):
         layered = layer(layered)
     assert np.array_equal(np.asarray(layered).astype("uint8"), ours)
+
+
+@pytest.mark.parametrize("raw_shape, input_shape", [((28, 28, 1), (48, 48, 1)), ((8, 8, 1), (12, 12, 3)),
+                                                     ((10, 10, 3), (8, 8, 1)), ((6, 6, 1), (6, 6, 1))])
+def test_to_pixels_of_some_rows_equals_to_pixels_of_those_rows(raw_shape, input_shape):
+    """The split's rows gathered during the resize (NumPy's, the layers', or none) give the same images."""
+    x = np.random.default_rng(5).integers(0, 256, (2100, *raw_shape), dtype="uint8")
+    rows = np.random.default_rng(6).permutation(len(x))[:1500]  # more than one resize chunk, out of order
+    assert np.array_equal(to_pixels(x, input_shape, rows=rows), to_pixels(x[rows], input_shape))
 
 
 def test_split_that_cannot_hold_every_class_fails_clearly():
