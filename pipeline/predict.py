@@ -19,7 +19,7 @@ def predict_labels(model, images: np.ndarray, batch_size: int = BATCH) -> np.nda
         return np.zeros((0,), dtype="int64")
     from pipeline.train import image_batches
 
-    probs = model.predict(image_batches(images, batch_size), verbose=0)
+    probs = model.predict(image_batches(images, batch_size), verbose=0)[: len(images)]  # less the padding
     return np.asarray(probs).argmax(axis=1).astype("int64")
 
 

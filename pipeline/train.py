@@ -143,11 +143,27 @@ def _pipeline_options():
 
 def image_batches(images: np.ndarray, batch_size: int):
     """Raw images in batches, in order, for the raw-pixel model's predict: Keras' own adapter would autotune
-    (see make_dataset)."""
+    (see make_dataset). The batches are of one size (`even_batches`), the last one padded with blank images:
+    drop the predictions past len(images)."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size)
-    return ds.with_options(_pipeline_options()).prefetch(PREFETCH_BATCHES)
+    size, padding = even_batches(len(images), batch_size)
+    ds = tf.data.Dataset.from_tensor_slices(images)
+    if padding:
+        ds = ds.concatenate(tf.data.Dataset.from_tensor_slices(np.zeros((padding, *images.shape[1:]), images.dtype)))
+    return ds.batch(size).with_options(_pipeline_options()).prefetch(PREFETCH_BATCHES)
+
+
+def even_batches(count: int, batch_size: int) -> tuple[int, int]:
+    """(size, padding): ceil(count / batch_size) batches of one size, at most batch_size, of which the last
+    holds `padding` (fewer than the batches) blank images. Keras' predict traces its function again for a
+    last batch of another shape, a second graph optimisation: 1.66-1.79 s for 10,000 images in batches of
+    1,024 against 1.52-1.58 s in batches of 1,000 (the default network, 2-core Xeon)."""
+    if count == 0:
+        return batch_size, 0
+    batches = math.ceil(count / batch_size)
+    size = math.ceil(count / batches)
+    return size, size * batches - count
 
 
 AUGMENT_DRAWS_PER_BATCH = 1024  # room in a seed generator's counter for one batch's draws (each layer takes 1-3)
@@ -1010,7 +1026,7 @@ def log_model(model, example: np.ndarray) -> None:
     import tensorflow as tf
     from mlflow.models import infer_signature
 
-    signature = infer_signature(example, model.predict(image_batches(example, len(example)), verbose=0))
+    signature = infer_signature(example, model.predict(image_batches(example, len(example)), verbose=0)[:len(example)])
     with _keras_flavor_saves_examples():
         mlflow.keras.log_model(
             model,

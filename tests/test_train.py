@@ -27,7 +27,9 @@ from pipeline.train import (
     build_augmenter,
     build_callbacks,
     build_optimizer,
+    even_batches,
     fuse_batch_norm,
+    image_batches,
     learning_rate_schedule,
     make_dataset,
     totals,
@@ -498,3 +500,31 @@ def test_fused_batch_norm_trains_as_keras_batch_norm_does(precision):
 
     assert "FusedBatchNormV3" in op_types(fused_net, True) and "FusedBatchNormV3" not in op_types(keras_net, True)
     assert "FusedBatchNormV3" not in op_types(fused_net, False)
+
+
+# --------------------------------------------------------------------------- predict batches
+
+
+@pytest.mark.parametrize("count, batch_size, expected", [
+    (10_000, 1024, (1000, 0)), (12_000, 1024, (1000, 0)), (10_001, 1024, (1001, 9)), (5, 1024, (5, 0)),
+    (2049, 1024, (683, 0)), (2050, 1024, (684, 2)), (0, 1024, (1024, 0)), (7, 1, (1, 0)),
+])
+def test_even_batches_are_of_one_size_with_less_padding_than_batches(count, batch_size, expected):
+    size, padding = even_batches(count, batch_size)
+    assert (size, padding) == expected
+    batches = math.ceil((count + padding) / size)
+    assert size <= batch_size and (count + padding) % size == 0 and batches == math.ceil(count / batch_size)
+    assert padding < max(batches, 1)
+
+
+def test_predict_labels_in_padded_batches_equal_the_model_on_each_image(data):
+    """The raw-pixel model over 50 images in 4 batches of 13 (2 blank images padding the last) gives what it
+    gives on every image at once, in order, with the padding's predictions dropped; one predict trace."""
+    from pipeline.predict import predict_labels
+
+    model = raw_input_model(train_model(config(), data, verbose=0).network, data.stats)
+    images = np.concatenate([data.train_x, data.val_x])[:50]
+    assert [len(b) for b in image_batches(images, 16)] == [13, 13, 13, 13]
+    expected = np.asarray(model(images, training=False)).argmax(axis=1)
+    assert np.array_equal(predict_labels(model, images, batch_size=16), expected)
+    assert model.predict_function.experimental_get_tracing_count() == 1
