@@ -146,6 +146,16 @@ TWO_REPLICAS = textwrap.dedent("""
         train_model(config("train.batch_size=15"), data, verbose=0, placement=placement)
     except PipelineError as exc:
         out["error"] = str(exc)
+    # batch norm on the two replicas: the fused training call against Keras' own (fusing switched off)
+    import pipeline.train
+    bn = config("model.dropout=0", "model.dense_dropout=0", "model.batch_norm=true", "train.batch_size=20",
+                "train.epochs=2")
+    for name in ("fused", "keras"):
+        result = train_model(bn, data, verbose=0, placement=placement)
+        layer = next(layer for layer in result.network.layers if type(layer).__name__ == "BatchNormalization")
+        out[name] = [result.history["loss"].tolist(), np.asarray(layer.moving_mean).tolist(),
+                     np.asarray(layer.moving_variance).tolist()]
+        pipeline.train.fuse_batch_norm = lambda network: 0
     print("RESULT " + json.dumps(out))
 """)
 
@@ -167,6 +177,8 @@ def test_mirrored_on_two_cpu_replicas_splits_each_global_batch_and_trains_as_one
                         verbose=0)
     # the same global batches and rate: equal up to the order of float sums (the replicas' gradients are averaged)
     np.testing.assert_allclose(out["loss"], alone.history["loss"], rtol=1e-4)
+    for fused, keras_own in zip(out["fused"], out["keras"]):  # losses, then the moving mean and variance
+        np.testing.assert_allclose(fused, keras_own, rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the command line
