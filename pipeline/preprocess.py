@@ -154,9 +154,8 @@ def pixel_layers(raw_shape, input_shape) -> list:
     return layers
 
 
-def to_pixels(images: np.ndarray, input_shape, batch: int = BATCH, rows: np.ndarray | None = None) -> np.ndarray:
-    """uint8 images (those at `rows` only, in that order, when given) resized and converted to `input_shape`
-    as `pixel_layers` does it; returns uint8.
+def to_pixels(images: np.ndarray, input_shape, batch: int = BATCH) -> np.ndarray:
+    """uint8 images resized and converted to `input_shape` as `pixel_layers` does it; returns uint8.
 
     A resize (and gray to RGB) whose denominator is under EXACT_DENOMINATOR runs here in NumPy: two
     float32 matrix products per batch and a rounding cast, the exact integers that the saved model's
@@ -164,15 +163,14 @@ def to_pixels(images: np.ndarray, input_shape, batch: int = BATCH, rows: np.ndar
     """
     raw_shape, input_shape = tuple(images.shape[1:]), tuple(input_shape)
     if raw_shape == input_shape:
-        return images if rows is None else images[rows]
+        return images
     gray_to_rgb = raw_shape[2] == 1 and input_shape[2] == 3
     shift = rounding_shift(raw_shape, input_shape)
     resize = raw_shape[:2] != input_shape[:2]
     if resize and (raw_shape[2] == input_shape[2] or gray_to_rgb) and (
             resize_denominator(raw_shape, input_shape) < EXACT_DENOMINATOR):
-        out = _resize(images, input_shape[:2], np.float32(0.5 + shift), rows=rows)
+        out = _resize(images, input_shape[:2], np.float32(0.5 + shift))
         return np.repeat(out, 3, axis=-1) if gray_to_rgb else out
-    images = images if rows is None else images[rows]
     layers = pixel_layers(raw_shape, input_shape)[:-1]  # the rounding is round_pixels'
     out = []
     for start in range(0, len(images), batch):
@@ -183,22 +181,21 @@ def to_pixels(images: np.ndarray, input_shape, batch: int = BATCH, rows: np.ndar
     return np.concatenate(out) if out else np.zeros((0, *input_shape), dtype="uint8")
 
 
-def _resize(images: np.ndarray, size, offset: np.float32, chunk: int = 1024, rows=None) -> np.ndarray:
-    """Bilinear resize of uint8 (N, H, W, C) images (or those at `rows`) to `size`, rounded by truncating
-    x + offset; uint8. Gathering `rows` chunk by chunk spares the split a copy of the whole set.
+def _resize(images: np.ndarray, size, offset: np.float32, chunk: int = 1024) -> np.ndarray:
+    """Bilinear resize of uint8 (N, H, W, C) images to `size`, rounded by truncating x + offset; uint8.
 
     Height first, as one matrix product over the whole chunk laid out (H, N, C, W + 1), then width, as
     another over (out_H * N * C, W + 1): two BLAS calls per chunk of 1,024 images (sized for the CPU's
     caches). The extra column of ones carries the offset through both products (the height weights of an
     output sum to 1), so the cast to uint8 is the only pass left."""
-    count, height, width, channels = images.shape if rows is None else (len(rows), *images.shape[1:])
+    count, height, width, channels = images.shape
     (out_height, out_width) = size
     along_height = np.ascontiguousarray(bilinear_kernel(height, out_height)[0].T)  # (out_H, H)
     along_width = np.concatenate([bilinear_kernel(width, out_width)[0], np.full((1, out_width), offset)])
     out = np.empty((count, out_height, out_width, channels), dtype="uint8")
     laid = np.ones((height, min(chunk, count), channels, width + 1), dtype="float32")
     for start in range(0, count, chunk):
-        x = images[start : start + chunk] if rows is None else images[rows[start : start + chunk]]
+        x = images[start : start + chunk]
         n = len(x)
         laid[:, :n, :, :width] = x.transpose(1, 0, 3, 2)
         resized = (along_height @ laid[:, :n].reshape(height, -1)).reshape(-1, width + 1)  # height done
@@ -245,7 +242,7 @@ def normalization_stats(train_pixels: np.ndarray, method: str) -> tuple[list[flo
 
 
 def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int):
-    """A stratified split; every class keeps its share in train and val. `x` may be the row numbers alone."""
+    """A stratified split; every class keeps its share in train and val."""
     from sklearn.model_selection import train_test_split
 
     counts = np.bincount(y)
@@ -262,10 +259,8 @@ def split_train_val(x: np.ndarray, y: np.ndarray, val_fraction: float, seed: int
 def preprocess(raw: RawDataset, cfg: PreprocessConfig, seed: int) -> Prepared:
     raw_shape = tuple(int(d) for d in raw.train_x.shape[1:])
     input_shape = target_shape(raw_shape, cfg)
-    # the split's row numbers: to_pixels gathers them as it goes, without a split copy of the images first
-    train_rows, val_rows, train_y, val_y = split_train_val(
-        np.arange(len(raw.train_y)), raw.train_y, cfg.val_fraction, seed)
-    train_x, val_x = (to_pixels(raw.train_x, input_shape, rows=rows) for rows in (train_rows, val_rows))
+    train_x, val_x, train_y, val_y = split_train_val(raw.train_x, raw.train_y, cfg.val_fraction, seed)
+    train_x, val_x = to_pixels(train_x, input_shape), to_pixels(val_x, input_shape)
     test_x = to_pixels(raw.test_x, input_shape) if raw.test_x is not None else None
     mean, variance = normalization_stats(train_x, cfg.normalize)
     stats = {

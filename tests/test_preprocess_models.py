@@ -111,15 +111,6 @@ def test_other_conversions_run_the_saved_models_layers(raw_shape, input_shape):
     assert np.array_equal(np.asarray(layered).astype("uint8"), ours)
 
 
-@pytest.mark.parametrize("raw_shape, input_shape", [((28, 28, 1), (48, 48, 1)), ((8, 8, 1), (12, 12, 3)),
-                                                     ((10, 10, 3), (8, 8, 1)), ((6, 6, 1), (6, 6, 1))])
-def test_to_pixels_of_some_rows_equals_to_pixels_of_those_rows(raw_shape, input_shape):
-    """The split's rows gathered during the resize (NumPy's, the layers', or none) give the same images."""
-    x = np.random.default_rng(5).integers(0, 256, (2100, *raw_shape), dtype="uint8")
-    rows = np.random.default_rng(6).permutation(len(x))[:1500]  # more than one resize chunk, out of order
-    assert np.array_equal(to_pixels(x, input_shape, rows=rows), to_pixels(x[rows], input_shape))
-
-
 def test_split_that_cannot_hold_every_class_fails_clearly():
     raw = raw_dataset(n=6, classes=3)
     with pytest.raises(PipelineError, match="preprocess.val_fraction = 0.2: cannot split 6 images of 3 classes"):
