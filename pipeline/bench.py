@@ -337,11 +337,10 @@ def predict_figure(repo: Path, params, sizes, quick, echo) -> Figure:
         fetch.save_raw(subset, tmp / "raw")
         cfg = load_config(str(repo / "params.yaml"))
         echo(f"bench: predict {count} images: model.predict on a float32 array ...")
-        stats = load_prepared(repo / "data/prepared").stats
+        floats = _normalised(images[:count], load_prepared(repo / "data/prepared").stats)
         baselines = []
         for _ in range(PREDICT_REPEATS):  # each on a freshly loaded model: its predict traces, as the stage's does
             network = keras.models.load_model(train_dir / "model.keras").get_layer("network")
-            floats = _normalised(images[:count], stats, network)
             baselines.append(best_of(1, lambda: network.predict(floats, batch_size=predict.BATCH, verbose=0)))
         baseline = min(baselines)
         echo("bench: predict: the stage ...")
@@ -367,7 +366,7 @@ def _tracking_at(uri: str):
         mlflow.set_tracking_uri(before)  # None unsets the variable again
 
 
-def _normalised(images: np.ndarray, stats: dict, network) -> np.ndarray:
+def _normalised(images: np.ndarray, stats: dict) -> np.ndarray:
     """The images as the network takes them: resized as preprocess does, then normalised, as float32."""
     from pipeline.preprocess import to_pixels
 
