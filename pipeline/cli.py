@@ -209,8 +209,8 @@ def run(ctx: click.Context, out: str, more: str, raw_dir: str | None, prepared_d
 def bench(ctx: click.Context, quick: bool, main_job: bool, epochs: int | None, train_images: int | None, out: str) -> None:
     """Measure each speed figure against its baseline in one run on this machine; print and save the table.
 
-    Baselines: Keras model.fit on float32 NumPy arrays (training), the same training untracked (tracking),
-    a per-image PIL loop (preprocess), model.predict on a float32 array (predict), `dvc --version`
+    Baselines: Keras model.fit on float32 NumPy arrays (training), the same training untracked and under
+    mlflow.tensorflow.autolog() (tracking), a per-image PIL loop (preprocess), model.predict on a float32 array (predict), `dvc --version`
     (a nothing-changed repro). Takes about an hour on 2 cores in full; use --epochs/--train-images to shorten.
     """
     from pipeline import bench as stage

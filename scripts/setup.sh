@@ -16,8 +16,8 @@ if "$venv/bin/python" -m pip install -q --disable-pip-version-check "uv>=0.5,<1"
   # --compile-bytecode: uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (as in our development shells)
   # nothing ever does, so every process compiled TensorFlow, MLflow and Keras from source: an import of the
   # four went from 16 s to 5.5 s of CPU with the bytecode (Xeon, 2 cores). It adds about a minute here.
-  "$venv/bin/uv" pip install -q --compile-bytecode --python "$venv/bin/python" -r requirements.lock -e ".[test]"
+  "$venv/bin/uv" pip install -q --compile-bytecode --python "$venv/bin/python" -r requirements.lock -e ".[test,bench]"
 else  # no uv wheel for this platform: plain pip, slower
-  "$venv/bin/python" -m pip install -q -r requirements.lock -e ".[test]"
+  "$venv/bin/python" -m pip install -q -r requirements.lock -e ".[test,bench]"
 fi
 echo "$stamp" > "$venv/.installed"
