@@ -244,7 +244,7 @@ def tracking_figures(params, sizes, data, quick, echo) -> list[Figure]:
         figures.append(Figure(
             "tracking: the same training under mlflow.tensorflow.autolog()", ours, autolog, "s", autolog / ours,
             "(reported)", None, "mlflow.tensorflow.autolog(), as a notebook tracks a fit",
-            f"one timing; autolog's includes its TensorBoard callback and its model logging at the end of fit; "
+            "one timing; autolog's includes its TensorBoard callback and its model logging at the end of fit; "
             f"{autolog / baseline:.2f}x the untracked time"))
     return figures
 

@@ -210,8 +210,9 @@ def bench(ctx: click.Context, quick: bool, main_job: bool, epochs: int | None, t
     """Measure each speed figure against its baseline in one run on this machine; print and save the table.
 
     Baselines: Keras model.fit on float32 NumPy arrays (training), the same training untracked and under
-    mlflow.tensorflow.autolog() (tracking), a per-image PIL loop (preprocess), model.predict on a float32 array (predict), `dvc --version`
-    (a nothing-changed repro). Takes about an hour on 2 cores in full; use --epochs/--train-images to shorten.
+    mlflow.tensorflow.autolog() (tracking), a per-image PIL loop (preprocess), model.predict on a float32
+    array (predict), `dvc --version` (a nothing-changed repro). Takes about an hour on 2 cores in full; use
+    --epochs/--train-images to shorten.
     """
     from pipeline import bench as stage
 
