@@ -63,6 +63,7 @@ FULL = Sizes(train_images=None, epochs=5, tracking_epochs=3, preprocess_size=48,
 QUICK = Sizes(train_images=256, epochs=2, tracking_epochs=2, preprocess_size=16, predict_images=300,
               models=("cnn",), overrides=TINY)
 PREPROCESS_REPEATS = (2, 5)  # timings of (the PIL loop, the stage), the best of each kept
+TRAIN_REPEATS = 2  # fits of each side per training figure, alternated, the fastest kept
 PREDICT_REPEATS = 3  # timings of each side, the best kept: one 2-s timing of either varied by up to 1.5x
 
 
@@ -134,40 +135,50 @@ def training_figures(params, sizes, model_name, data, target, target_text, quick
 
     cfg = _config(params, sizes, f"model.name={model_name}", f"train.epochs={sizes.epochs}")
     n = len(data.train_x)
-    echo(f"bench: training {model_name}, {sizes.epochs} epochs on {n} images: model.fit on float32 arrays ...")
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    network = build_model(cfg.model, data.input_shape, len(data.class_names))
-    network.compile(build_optimizer(cfg.optimizer), "categorical_crossentropy", metrics=["accuracy"])
     classes = len(data.class_names)
     x = data.train_x.astype("float32") / 255.0  # the notebooks' x / 255 (our default normalisation, scale01)
+    y = keras.utils.to_categorical(data.train_y, classes)
     val = (data.val_x.astype("float32") / 255.0, keras.utils.to_categorical(data.val_y, classes))
-    epoch_times = _EpochTimer()
-    start = time.perf_counter()
-    network.fit(x, keras.utils.to_categorical(data.train_y, classes), batch_size=cfg.train.batch_size,
-                epochs=cfg.train.epochs, validation_data=val, callbacks=[epoch_times.callback()], verbose=0)
-    baseline_wall = time.perf_counter() - start
-    baseline_accuracy = _accuracy(network.predict(data.test_x.astype("float32") / 255.0, verbose=0), data.test_y)
-    del network, x
-    echo(f"bench: training {model_name}: the train stage's fit ...")
-    result = train_model(cfg, data, verbose=0)
-    ours_accuracy = _accuracy(predict_probs(result.network, data.test_x, data.stats), data.test_y)
-    ours_steady = _steady(result.history["epoch_seconds"].tolist(), n)
-    baseline_steady = _steady(epoch_times.seconds, n)
-    speedup = baseline_wall / result.train_seconds
-    note = (f"{result.precision}; test accuracy {ours_accuracy:.4f} (ours) vs {baseline_accuracy:.4f} "
-            f"(float32 model.fit)")
+    baseline_runs, ours_runs = [], []
+    for attempt in range(TRAIN_REPEATS):  # alternated; the fastest of each kept (one fit varied up to 2x)
+        echo(f"bench: training {model_name}, {sizes.epochs} epochs on {n} images: model.fit on float32 arrays "
+             f"({attempt + 1}/{TRAIN_REPEATS}) ...")
+        seed_everything(cfg.seed, cfg.train.deterministic)
+        network = build_model(cfg.model, data.input_shape, classes)
+        network.compile(build_optimizer(cfg.optimizer), "categorical_crossentropy", metrics=["accuracy"])
+        epoch_times = _EpochTimer()
+        start = time.perf_counter()
+        network.fit(x, y, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, validation_data=val,
+                    callbacks=[epoch_times.callback()], verbose=0)
+        wall = time.perf_counter() - start
+        accuracy = _accuracy(network.predict(data.test_x.astype("float32") / 255.0, verbose=0), data.test_y)
+        baseline_runs.append((wall, epoch_times.seconds, accuracy))
+        del network
+        echo(f"bench: training {model_name}: the train stage's fit ({attempt + 1}/{TRAIN_REPEATS}) ...")
+        result = train_model(cfg, data, verbose=0)
+        accuracy = _accuracy(predict_probs(result.network, data.test_x, data.stats), data.test_y)
+        ours_runs.append((result.train_seconds, result.history["epoch_seconds"].tolist(), accuracy, result.precision))
+        del result
+    baseline_wall, baseline_epochs, baseline_accuracy = min(baseline_runs, key=lambda run: run[0])
+    ours_wall, ours_epochs, ours_accuracy, precision = min(ours_runs, key=lambda run: run[0])
+    ours_steady, baseline_steady = _steady(ours_epochs, n), _steady(baseline_epochs, n)
+    speedup = baseline_wall / ours_wall
+    baseline_walls, ours_walls = (", ".join(f"{run[0]:.1f}" for run in runs) for runs in (baseline_runs, ours_runs))
+    note = (f"{precision}; test accuracy {ours_accuracy:.4f} (ours) vs {baseline_accuracy:.4f} "
+            f"(float32 model.fit); the fastest of {TRAIN_REPEATS} fits each (ours {ours_walls} s, "
+            f"model.fit {baseline_walls} s)")
     gap = abs(ours_accuracy - baseline_accuracy) * 100
-    accuracy_ok = None if quick or result.precision == "float32" else gap <= 0.3
+    accuracy_ok = None if quick or precision == "float32" else gap <= 0.3
     return [
-        Figure(f"training {model_name}: whole fit, {sizes.epochs} epochs", result.train_seconds, baseline_wall, "s",
+        Figure(f"training {model_name}: whole fit, {sizes.epochs} epochs", ours_wall, baseline_wall, "s",
                speedup, target_text, None if quick else speedup >= target,
                "model.fit on float32 NumPy arrays, one-hot labels", note),
         Figure(f"training {model_name}: steady-state", ours_steady, baseline_steady, "img/s",
                ours_steady / baseline_steady, target_text, None if quick else ours_steady / baseline_steady >= target,
-               "model.fit on float32 NumPy arrays, one-hot labels", "epochs 2.. only"),
+               "model.fit on float32 NumPy arrays, one-hot labels", "epochs 2.. of the fastest fits"),
         Figure(f"training {model_name}: test accuracy", ours_accuracy * 100, baseline_accuracy * 100, "%",
                ours_accuracy / baseline_accuracy, "within 0.3 points of fp32 (bf16 only)", accuracy_ok,
-               "float32 model.fit", f"ours in {result.precision}"),
+               "float32 model.fit", f"ours in {precision}"),
     ]
 
 
