@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -181,27 +182,48 @@ def to_pixels(images: np.ndarray, input_shape, batch: int = BATCH) -> np.ndarray
     return np.concatenate(out) if out else np.zeros((0, *input_shape), dtype="uint8")
 
 
-def _resize(images: np.ndarray, size, offset: np.float32, chunk: int = 1024) -> np.ndarray:
+def _resize(images: np.ndarray, size, offset: np.float32, chunk: int = 1024, workers: int | None = None) -> np.ndarray:
     """Bilinear resize of uint8 (N, H, W, C) images to `size`, rounded by truncating x + offset; uint8.
 
     Height first, as one matrix product over the whole chunk laid out (H, N, C, W + 1), then width, as
     another over (out_H * N * C, W + 1): two BLAS calls per chunk of 1,024 images (sized for the CPU's
     caches). The extra column of ones carries the offset through both products (the height weights of an
-    output sum to 1), so the cast to uint8 is the only pass left."""
+    output sum to 1), so the cast to uint8 is the only pass left. The images are split in one range per
+    worker thread (default: one per usable CPU), each running one-thread BLAS: the layout and the cast
+    are single-threaded NumPy, so this is about 1.3x BLAS' own threads on 2 cores (70,000 images to 48x48)."""
     count, height, width, channels = images.shape
     (out_height, out_width) = size
     along_height = np.ascontiguousarray(bilinear_kernel(height, out_height)[0].T)  # (out_H, H)
     along_width = np.concatenate([bilinear_kernel(width, out_width)[0], np.full((1, out_width), offset)])
     out = np.empty((count, out_height, out_width, channels), dtype="uint8")
-    laid = np.ones((height, min(chunk, count), channels, width + 1), dtype="float32")
-    for start in range(0, count, chunk):
-        x = images[start : start + chunk]
-        n = len(x)
-        laid[:, :n, :, :width] = x.transpose(1, 0, 3, 2)
-        resized = (along_height @ laid[:, :n].reshape(height, -1)).reshape(-1, width + 1)  # height done
-        pixels = resized @ along_width  # every value > 0: the cast's truncation is floor(resized + offset)
-        out[start : start + n].transpose(1, 0, 3, 2)[...] = pixels.reshape(out_height, n, channels, out_width)
+
+    def resize_range(first: int, last: int) -> None:
+        laid = np.ones((height, min(chunk, last - first), channels, width + 1), dtype="float32")
+        for start in range(first, last, chunk):
+            x = images[start : min(start + chunk, last)]
+            n = len(x)
+            laid[:, :n, :, :width] = x.transpose(1, 0, 3, 2)
+            resized = (along_height @ laid[:, :n].reshape(height, -1)).reshape(-1, width + 1)  # height done
+            pixels = resized @ along_width  # every value > 0: the cast's truncation is floor(resized + offset)
+            out[start : start + n].transpose(1, 0, 3, 2)[...] = pixels.reshape(out_height, n, channels, out_width)
+
+    workers = min(workers or usable_cpus(), math.ceil(count / chunk))
+    if workers <= 1:
+        resize_range(0, count)
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    bounds = [count * i // workers for i in range(workers + 1)]
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+        list(pool.map(resize_range, bounds[:-1], bounds[1:]))  # list(): a worker's exception is raised here
     return out
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, as a container's CPU set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def round_pixels(x: np.ndarray, shift: float = 0.0) -> np.ndarray:

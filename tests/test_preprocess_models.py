@@ -94,6 +94,19 @@ def test_resize_is_exact_and_equals_the_saved_models_layers(raw_shape, input_sha
         assert np.abs(reference - ours).max() <= 1
 
 
+def test_resize_threads_give_the_same_pixels():
+    """The resize split over worker threads (ranges that end inside a chunk, more workers than CPUs) writes
+    every image, each as one thread computes it, and the exact values."""
+    from pipeline.preprocess import _resize, rounding_shift
+
+    x = np.random.default_rng(5).integers(0, 256, (1001, 7, 5, 3), dtype="uint8")
+    offset = np.float32(0.5 + rounding_shift((7, 5, 3), (12, 10, 3)))
+    alone = _resize(x, (12, 10), offset, chunk=64, workers=1)
+    assert np.array_equal(alone, exact_resize(x, (12, 10)))
+    for workers in (2, 3, 7):
+        assert np.array_equal(_resize(x, (12, 10), offset, chunk=64, workers=workers), alone)
+
+
 @pytest.mark.parametrize("raw_shape, input_shape", [((28, 28, 1), (57, 57, 1)), ((21, 21, 1), (101, 101, 1)),
                                                      ((10, 10, 3), (8, 8, 1))])
 def test_other_conversions_run_the_saved_models_layers(raw_shape, input_shape):
