@@ -118,6 +118,8 @@ def main() -> int:
                         "--reference, and stop (on the machine that trained it)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--data-dir", help="the data's files (data.dir); default: params.yaml's")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a params override, as "
+                        "`pipeline --set` (repeatable)")
     parser.add_argument("--model", help="a model.keras the train stage saved")
     parser.add_argument("--reference", help="its probabilities (.npy), from --write-reference")
     parser.add_argument("--train-images", type=int, help="train on only these many images (a dry run)")
@@ -134,7 +136,7 @@ def main() -> int:
     from pipeline.preprocess import preprocess
 
     overrides = [f"data.dir={args.data_dir}", "data.download=false"] if args.data_dir else []
-    cfg = load_config(args.params, overrides)
+    cfg = load_config(args.params, [*overrides, *args.set])
     raw = fetch_dataset(cfg.data)
     if args.write_reference:
         model = keras.models.load_model(args.write_reference)
@@ -168,7 +170,7 @@ def main() -> int:
     results["catalogue"] = {}
     for name in list(PRESETS)[: args.presets]:
         try:
-            model_cfg = load_config(args.params, [f"model.name={name}"]).model
+            model_cfg = load_config(args.params, [*args.set, f"model.name={name}"]).model
             height, width = (max(28, size) for size in minimum_input_size(model_cfg))
             net = build_model(model_cfg, (height, width, 1), 10)
             net.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
