@@ -182,11 +182,11 @@ def to_pixels(images: np.ndarray, input_shape, batch: int = BATCH) -> np.ndarray
     return np.concatenate(out) if out else np.zeros((0, *input_shape), dtype="uint8")
 
 
-def _resize(images: np.ndarray, size, offset: np.float32, chunk: int = 1024, workers: int | None = None) -> np.ndarray:
+def _resize(images: np.ndarray, size, offset: np.float32, chunk: int = 256, workers: int | None = None) -> np.ndarray:
     """Bilinear resize of uint8 (N, H, W, C) images to `size`, rounded by truncating x + offset; uint8.
 
     Height first, as one matrix product over the whole chunk laid out (H, N, C, W + 1), then width, as
-    another over (out_H * N * C, W + 1): two BLAS calls per chunk of 1,024 images (sized for the CPU's
+    another over (out_H * N * C, W + 1): two BLAS calls per chunk of 256 images (sized for the CPU's
     caches). The extra column of ones carries the offset through both products (the height weights of an
     output sum to 1), so the cast to uint8 is the only pass left. The images are split in one range per
     worker thread (default: one per usable CPU), each running one-thread BLAS: the layout and the cast
