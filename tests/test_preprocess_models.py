@@ -107,6 +107,21 @@ def test_resize_threads_give_the_same_pixels():
         assert np.array_equal(_resize(x, (12, 10), offset, chunk=64, workers=workers), alone)
 
 
+def test_resize_thread_errors_reach_the_caller():
+    """An error inside a worker thread is raised by the resize, not lost with the thread."""
+    from pipeline.preprocess import _resize
+
+    class Unreadable(np.ndarray):
+        def __getitem__(self, key):
+            if isinstance(key, slice) and key.start is not None and key.start >= 512:
+                raise OSError("images from 512 on are unreadable")
+            return super().__getitem__(key)
+
+    x = np.zeros((2048, 7, 5, 3), dtype="uint8").view(Unreadable)
+    with pytest.raises(OSError, match="from 512 on"):
+        _resize(x, (12, 10), np.float32(0.5), chunk=64, workers=2)
+
+
 @pytest.mark.parametrize("raw_shape, input_shape", [((28, 28, 1), (57, 57, 1)), ((21, 21, 1), (101, 101, 1)),
                                                      ((10, 10, 3), (8, 8, 1))])
 def test_other_conversions_run_the_saved_models_layers(raw_shape, input_shape):
