@@ -126,6 +126,8 @@ def main() -> int:
     parser.add_argument("--presets", type=int, help="build only the first N presets (a dry run)")
     parser.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args()
+    if args.write_reference and not args.reference:
+        parser.error("--write-reference needs --reference, the .npy file to write")
 
     import keras
     import numpy as np
