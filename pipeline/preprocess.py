@@ -209,16 +209,16 @@ def _resize(images: np.ndarray, size, offset: np.float32, chunk: int = 256, work
             pixels = resized @ along_width  # every value > 0: the cast's truncation is floor(resized + offset)
             out[start : start + n].transpose(1, 0, 3, 2)[...] = pixels.reshape(out_height, n, channels, out_width)
 
-    workers = min(workers or usable_cpus(), math.ceil(count / chunk))
-    if workers <= 1:
+    # tasks of a few chunks: on an error or Ctrl-C, the ones not started are cancelled, the running ones end soon
+    step = chunk * RESIZE_TASK_CHUNKS
+    workers = min(workers or usable_cpus(), math.ceil(count / step))
+    if workers <= 1:  # one task: BLAS' own threads instead
         resize_range(0, count)
         return out
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
-    # tasks of a few chunks: on an error or Ctrl-C, the ones not started are cancelled, the running ones end soon
-    step = chunk * RESIZE_TASK_CHUNKS
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
         tasks = [pool.submit(resize_range, start, min(start + step, count)) for start in range(0, count, step)]
         try:
