@@ -339,7 +339,7 @@ def predict_figure(repo: Path, params, sizes, quick, echo) -> Figure:
     import keras
 
     from pipeline import fetch, predict
-    from pipeline.preprocess import load_prepared
+    from pipeline.preprocess import load_prepared, network_input
 
     raw_dir, train_dir = repo / "data/raw", repo / "data/train"
     raw = fetch.load_raw(raw_dir)
@@ -353,7 +353,7 @@ def predict_figure(repo: Path, params, sizes, quick, echo) -> Figure:
         fetch.save_raw(subset, tmp / "raw")
         cfg = load_config(str(repo / "params.yaml"))
         echo(f"bench: predict {count} images: model.predict on a float32 array ...")
-        floats = _normalised(images[:count], load_prepared(repo / "data/prepared").stats)
+        floats = network_input(images[:count], load_prepared(repo / "data/prepared").stats)
         baselines = []
         for _ in range(PREDICT_REPEATS):  # each on a freshly loaded model: its predict traces, as the stage's does
             network = keras.models.load_model(train_dir / "model.keras").get_layer("network")
@@ -380,14 +380,6 @@ def _tracking_at(uri: str):
         yield
     finally:
         mlflow.set_tracking_uri(before)  # None unsets the variable again
-
-
-def _normalised(images: np.ndarray, stats: dict) -> np.ndarray:
-    """The images as the network takes them: resized as preprocess does, then normalised, as float32."""
-    from pipeline.preprocess import to_pixels
-
-    pixels = to_pixels(images, stats["input_shape"]).astype("float32")
-    return (pixels - np.asarray(stats["mean"], "float32")) / np.sqrt(np.asarray(stats["variance"], "float32"))
 
 
 def copy_project(repo: Path, params: str, overrides: list[str]) -> Path:

@@ -184,6 +184,13 @@ def to_pixels(images: np.ndarray, input_shape, batch: int = BATCH) -> np.ndarray
     return np.concatenate(out) if out else np.zeros((0, *input_shape), dtype="uint8")
 
 
+def network_input(images: np.ndarray, stats: dict) -> np.ndarray:
+    """The images as the network takes them: resized as this stage does (a no-op on its own output), then
+    normalised with its statistics, as float32 (what the saved model's first layers compute)."""
+    pixels = to_pixels(images, stats["input_shape"]).astype("float32")
+    return (pixels - np.asarray(stats["mean"], "float32")) / np.sqrt(np.asarray(stats["variance"], "float32"))
+
+
 def _resize(images: np.ndarray, size, offset: np.float32, chunk: int = 256, workers: int | None = None) -> np.ndarray:
     """Bilinear resize of uint8 (N, H, W, C) images to `size`, rounded by truncating x + offset; uint8.
 

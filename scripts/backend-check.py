@@ -67,18 +67,13 @@ def facts() -> dict:
             "devices": devices, "python": sys.version.split()[0]}
 
 
-def normalised(x, stats):
-    import numpy as np
-
-    return (x.astype("float32") - np.float32(stats["mean"])) / np.sqrt(np.float32(stats["variance"]))
-
-
 def recipe(cfg, data, policy: str) -> dict:
     """The default params' training, as the train stage compiles it, through Keras' fit on NumPy arrays."""
     import keras
     import numpy as np
 
     from pipeline.models import build_model
+    from pipeline.preprocess import network_input
     from pipeline.train import build_optimizer, learning_rate_schedule
 
     keras.mixed_precision.set_global_policy(policy)
@@ -89,7 +84,7 @@ def recipe(cfg, data, policy: str) -> dict:
     network.compile(optimizer=build_optimizer(cfg.optimizer, learning_rate_schedule(cfg.optimizer, steps, cfg.train.epochs)),
                     loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
                     metrics=["accuracy"])
-    train_x, val_x, test_x = (normalised(x, data.stats) for x in (data.train_x, data.val_x, data.test_x))
+    train_x, val_x, test_x = (network_input(x, data.stats) for x in (data.train_x, data.val_x, data.test_x))
     train_y, val_y = (np.eye(classes, dtype="float32")[y] for y in (data.train_y, data.val_y))
     epoch_seconds = []
 
@@ -135,7 +130,7 @@ def main() -> int:
     from pipeline.config import load_config
     from pipeline.fetch import fetch_dataset
     from pipeline.models import PRESETS, build_model, minimum_input_size, raw_input_model
-    from pipeline.preprocess import preprocess
+    from pipeline.preprocess import network_input, preprocess
 
     overrides = [f"data.dir={args.data_dir}", "data.download=false"] if args.data_dir else []
     cfg = load_config(args.params, [*overrides, *args.set])
@@ -162,7 +157,7 @@ def main() -> int:
 
     network = build_model(cfg.model, data.input_shape, len(data.class_names))
     wrapped = np.asarray(raw_input_model(network, data.stats).predict(data.test_x[:2000], verbose=0))
-    plain = np.asarray(network.predict(normalised(data.test_x[:2000], data.stats), verbose=0))
+    plain = np.asarray(network.predict(network_input(data.test_x[:2000], data.stats), verbose=0))
     results["wrapper"] = {"argmax_agree": float((wrapped.argmax(1) == plain.argmax(1)).mean()),
                           "max_abs_diff": float(np.abs(wrapped - plain).max())}
     say("wrapper", json.dumps(results["wrapper"]))
