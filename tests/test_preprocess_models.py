@@ -95,8 +95,8 @@ def test_resize_is_exact_and_equals_the_saved_models_layers(raw_shape, input_sha
 
 
 def test_resize_threads_give_the_same_pixels():
-    """The resize split over worker threads (ranges that end inside a chunk, more workers than CPUs) writes
-    every image, each as one thread computes it, and the exact values."""
+    """The resize split over worker threads (2 tasks of 8 chunks, the last ending inside a chunk; more workers
+    asked for than there are tasks) writes every image, each as one thread computes it, and the exact values."""
     from pipeline.preprocess import _resize, rounding_shift
 
     x = np.random.default_rng(5).integers(0, 256, (1001, 7, 5, 3), dtype="uint8")
