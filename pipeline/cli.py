@@ -365,9 +365,14 @@ class _BlankIsNone(click.ParamType):
               help="Outputs go to OUT/<parent run id>/: sweep.yaml, data/ (data built for the sweep), and "
                    "one folder per trial run id with `pipeline run`'s outputs and trial.log.")
 @click.option("--new", is_flag=True, help="Start a new parent run even if this sweep ran before.")
+@click.option("--shard", type=_BlankIsNone(click.STRING), default=None, metavar="I/N",
+              help="Run only part I of N of the trials (trials I, I+N, I+2N, ...): the same command with 1/N .. N/N "
+                   "on N machines, against one tracking server, runs each trial once. Each shard has its own "
+                   "parent run; all their trials carry the tag sweep.key.")
 @click.pass_context
 def sweep(ctx: click.Context, grid: tuple[str, ...], draws: tuple[str, ...], trials: int | None, seed: int | None,
-          sweep_file: str | None, more: str, metric: str | None, jobs: int, out: str, new: bool) -> None:
+          sweep_file: str | None, more: str, metric: str | None, jobs: int, out: str, new: bool,
+          shard: str | None) -> None:
     """Grid or random search: each trial a nested MLflow run under one parent run.
 
     \b
@@ -385,6 +390,11 @@ def sweep(ctx: click.Context, grid: tuple[str, ...], draws: tuple[str, ...], tri
     Resume: the same command again (same space, seed, params and experiment) reopens the same parent
     run, skips the trials that FINISHED and reruns the others in their own runs and folders (a training
     killed mid-way resumes from its last epoch). --new starts afresh.
+
+    \b
+    Across machines (README "Sweeps across machines"), with MLFLOW_TRACKING_URI set to one server:
+      pipeline sweep --grid optimizer.name=sgd,adam --grid train.batch_size=32,64 --shard 1/2   # host-a
+      pipeline sweep --grid optimizer.name=sgd,adam --grid train.batch_size=32,64 --shard 2/2   # host-b
     """
     from pipeline import sweep as stage
 
@@ -392,9 +402,10 @@ def sweep(ctx: click.Context, grid: tuple[str, ...], draws: tuple[str, ...], tri
     fixed = (*ctx.obj["overrides"], *more.split())
     space = stage.build_space(grid, draws, trials, seed, spec, str(sweep_file or ""), fixed)
     metric = metric or (spec.metric if spec is not None and spec.metric else stage.DEFAULT_METRIC)
+    part = stage.Shard.parse(shard) if shard is not None else None
     echo = lambda line: click.echo(line, err=True)  # noqa: E731 (progress on stderr, the table on stdout)
     try:
-        result = stage.run_sweep(ctx.obj["params"], space, metric, jobs, out, new, echo)
+        result = stage.run_sweep(ctx.obj["params"], space, metric, jobs, out, new, echo, part)
     except stage.TrialsFailed as exc:
         click.echo(exc.result.table())
         raise
@@ -404,6 +415,9 @@ def sweep(ctx: click.Context, grid: tuple[str, ...], draws: tuple[str, ...], tri
         click.echo(f"sweep: best trial {best.trial.index} ({best.trial.name}) {metric}={best.metric:.4f}, "
                    f"run {best.run_id}")
     click.echo(f"sweep: parent run {result.parent_id} -> {result.folder}")
+    if part is not None:
+        click.echo(f"sweep: every shard's trials: pipeline compare --filter \"tags.\\`{stage.KEY_TAG}\\` = "
+                   f"'{result.key}'\"")
 
 
 def main() -> None:

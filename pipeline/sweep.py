@@ -14,6 +14,11 @@ command: Keras and TensorFlow start fresh in every trial, and `--jobs N` is N su
 Run again, the same sweep reopens its parent, skips the trials whose run FINISHED and reruns the others
 in their own runs and folders (a killed training resumes from its backup there: see train.py).
 
+Across machines, `--shard I/N` runs every N-th trial from the I-th (Shard): the same command with 1/N ..
+N/N on N machines against one tracking server runs each trial once. Each shard is a sweep of its own
+(its own parent, tagged `sweep.shard`, resumable alone); every trial carries the sweep's key as the tag
+`sweep.key`, which selects all the shards' trials at once (`pipeline compare --filter`).
+
 The data stages run once per group of trials with equal data params (workflow.data_params): from DVC's
 cache when they equal params.yaml's (workflow.dvc_data), else fetched and preprocessed into the sweep's
 folder; every trial of the group is given those folders (`pipeline run --raw --data`).
@@ -49,6 +54,8 @@ DEFAULT_TRIALS = 10  # random draws per grid point when --random is given and ne
 SWEEP_TAG = "pipeline.sweep"  # on the parent: the sweep's key, how a rerun finds it
 TRIAL_TAG = "sweep.trial"  # on a child: its 1-based position in the trial list
 TRIAL_KEY_TAG = "sweep.trial_key"  # on a child: hash of its position and overrides, how a rerun finds it
+SHARD_TAG = "sweep.shard"  # on a sharded sweep's parent and children: I/N (--shard)
+KEY_TAG = "sweep.key"  # on a child: its sweep's key, the same in every shard: how to select all of them
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting tag: the UI lists the children under the parent
 SIGNIFICANT = 4  # drawn floats are rounded to 4 significant digits: readable run names, exact as YAML
 STOP_SECONDS = 60  # how long a trial gets to end its run after SIGTERM before it is killed
@@ -315,6 +322,28 @@ def trial_list(space: Space) -> list[Trial]:
     return out
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Part `index` of `count` of a sweep's trials (`--shard I/N`): trials I, I + N, I + 2N, ... (round robin,
+    so each shard gets a share of every grid key's values)."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not match or not 1 <= int(match[1]) <= int(match[2]):
+            raise PipelineError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. 2/3 (part 2 of 3)")
+        return cls(int(match[1]), int(match[2]))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def holds(self, trial: Trial) -> bool:
+        return (trial.index - 1) % self.count == self.index - 1
+
+
 def trial_configs(params: str | os.PathLike, space: Space, trials: list[Trial]) -> list[Config]:
     """Every trial's config, validated before any trial starts; the first bad one fails naming its trial."""
     configs = []
@@ -361,6 +390,8 @@ class SweepResult:
     outcomes: list[Outcome] = field(default_factory=list)
     best: Outcome | None = None
     resumed: bool = False
+    key: str = ""  # the sweep's (sweep_key): tag sweep.key on every trial, in every shard
+    shard: Shard | None = None
 
     def table(self) -> str:
         rows = [f"{'trial':>5}  {'status':8}  {self.metric:>14}  {'run id':32}  overrides"]
@@ -419,7 +450,7 @@ class Sweep:
     """One run of a sweep: the parent, the data, the trial processes; `run()` returns a SweepResult."""
 
     def __init__(self, params: str, space: Space, metric: str, jobs: int, out: str, new: bool,
-                 echo: Callable[[str], None]):
+                 echo: Callable[[str], None], shard: Shard | None = None):
         if jobs < 1:
             raise PipelineError(f"--jobs {jobs}: expected at least 1")
         if not metric.strip():
@@ -428,7 +459,13 @@ class Sweep:
         self.out = Path(out)
         self.base = load_config(params, space.fixed)  # a bad --set fails here, before it is blamed on a trial
         self.trials = trial_list(space)
-        self.configs = trial_configs(params, space, self.trials)
+        self.configs = trial_configs(params, space, self.trials)  # all of them: every shard fails alike
+        self.shard = shard
+        self.mine = [(t, c) for t, c in zip(self.trials, self.configs) if shard is None or shard.holds(t)]
+        if not self.mine:
+            raise PipelineError(f"--shard {shard}: this sweep has {len(self.trials)} trials, so shard {shard.index} "
+                                f"would hold none; split it into at most {len(self.trials)} shards")
+        self.shard_text = str(shard) if shard else ""
 
     # -- the parent
 
@@ -453,12 +490,17 @@ class Sweep:
             if run.data.tags.get(SWEEP_TAG, key) != key:
                 raise PipelineError(f"run {given} (MLFLOW_RUN_ID) holds another sweep ({SWEEP_TAG}="
                                     f"{run.data.tags[SWEEP_TAG]}); this one is {key}")
+            if SWEEP_TAG in run.data.tags and run.data.tags.get(SHARD_TAG, "") != self.shard_text:
+                raise PipelineError(f"run {given} (MLFLOW_RUN_ID) holds "
+                                    f"{self._which(run.data.tags.get(SHARD_TAG, ''))} of this sweep; this is "
+                                    f"{self._which(self.shard_text)}")
             resumed = SWEEP_TAG in run.data.tags
             parent_id = given
         else:
-            found = [] if self.new else client.search_runs(
+            found = [] if self.new else [run for run in client.search_runs(
                 [experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{key}'",
-                order_by=["attributes.start_time DESC"], max_results=1)
+                order_by=["attributes.start_time DESC"], max_results=1000)
+                if run.data.tags.get(SHARD_TAG, "") == self.shard_text]
             if found:
                 run = found[0]
                 pid = run.data.tags.get("pipeline.pid", "")
@@ -469,10 +511,13 @@ class Sweep:
                 parent_id, resumed = run.info.run_id, True
             else:
                 name = f"sweep-{len(self.trials)}-trials-{key[:8]}"
+                if self.shard:
+                    name += f"-shard-{self.shard.index}-of-{self.shard.count}"
                 parent_id = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: key}).info.run_id
                 resumed = False
         client.update_run(parent_id, status="RUNNING")
-        for tag, value in {**owner, SWEEP_TAG: key, **tracking.git_state()}.items():
+        shard = {SHARD_TAG: self.shard_text} if self.shard else {}
+        for tag, value in {**owner, SWEEP_TAG: key, **shard, **tracking.git_state()}.items():
             client.set_tag(parent_id, tag, value)
         with contextlib.suppress(MlflowException):  # an `error` tag from an earlier, failed run of the sweep
             client.delete_tag(parent_id, "error")
@@ -485,14 +530,18 @@ class Sweep:
         params.update({f"sweep.random.{k}": d.spec() for k, d in self.space.random.items()})
         if self.space.random:
             params.update({"sweep.draws_per_point": self.space.trials, "sweep.seed": self.space.seed})
+        if self.shard:
+            params.update({"sweep.shard": self.shard_text, "sweep.shard_trials": len(self.mine)})
         from mlflow.entities import Param
 
         client.log_batch(parent_id, params=[Param(k, str(v)) for k, v in params.items()], synchronous=True)
-        client.set_tag(parent_id, "mlflow.note.content", f"Sweep of {description}. Best by {self.metric}.")
+        part = f" Shard {self.shard}: trials {self._indices()}." if self.shard else ""
+        client.set_tag(parent_id, "mlflow.note.content", f"Sweep of {description}.{part} Best by {self.metric}.")
         client.set_tag(parent_id, "sweep.metric", self.metric)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "sweep.yaml").write_text(yaml.safe_dump(
             {**self.space.canonical(), "metric": self.metric, "params": str(self.params),
+             **({"shard": self.shard_text, "shard_trials": [t.index for t, _ in self.mine]} if self.shard else {}),
              "trials_list": [{"trial": t.index, "overrides": t.args()} for t in self.trials]}, sort_keys=False))
         (folder / "config.json").write_text(json.dumps(self.base.model_dump(mode="json"), indent=2) + "\n")
         client.log_artifact(parent_id, str(folder / "sweep.yaml"))
@@ -532,11 +581,12 @@ class Sweep:
         return [sys.executable, "-m", "pipeline", "--params", str(self.params), *sets, "run",
                 "--out", str(folder), "--raw", str(data[0]), "--data", str(data[1])]
 
-    def start(self, client, experiment_id: str, parent_id: str, trial: Trial, existing, folder: Path,
+    def start(self, client, experiment_id: str, parent_id: str, key: str, trial: Trial, existing, folder: Path,
               data: tuple[Path, Path]) -> tuple[subprocess.Popen, str]:
         from mlflow.exceptions import MlflowException
 
-        tags = {PARENT_TAG: parent_id, TRIAL_TAG: str(trial.index), TRIAL_KEY_TAG: trial.key,
+        shard = {SHARD_TAG: self.shard_text} if self.shard else {}
+        tags = {PARENT_TAG: parent_id, TRIAL_TAG: str(trial.index), TRIAL_KEY_TAG: trial.key, KEY_TAG: key, **shard,
                 "sweep.overrides": trial.name, "sweep.data": str(data[1]),
                 # the sweep owns the run until the trial's process reopens it (tracking.fail_abandoned_runs)
                 "pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
@@ -603,9 +653,10 @@ class Sweep:
         tracking.fail_abandoned_runs(experiment.experiment_id)  # e.g. the trials of a sweep that was killed
         parent_id, resumed = self.open_parent(client, experiment.experiment_id, key)
         folder = self.out / parent_id
-        result = SweepResult(parent_id, folder, self.metric, resumed=resumed)
+        result = SweepResult(parent_id, folder, self.metric, resumed=resumed, key=key, shard=self.shard)
         self.echo(f"sweep: {'resuming' if resumed else 'new'} parent run {parent_id} "
                   f"({self.space.describe(len(self.trials))}) -> {folder}")
+        part = f"shard {self.shard} (trials {self._indices()}): " if self.shard else ""
         running: dict[subprocess.Popen, tuple[Trial, str]] = {}
         try:
             self.log_space(client, parent_id, folder)
@@ -613,14 +664,14 @@ class Sweep:
                         for r in child_runs(client, experiment.experiment_id, parent_id)}
             outcomes: dict[int, Outcome] = {}
             todo = []
-            for trial, cfg in zip(self.trials, self.configs):
+            for trial, cfg in self.mine:
                 run = existing.get(trial.key)
                 if run is not None and run.info.status == "FINISHED":
                     outcomes[trial.index] = Outcome(trial, run.info.run_id, "FINISHED", skipped=True,
                                                     metric=run.data.metrics.get(self.metric))
                 else:
                     todo.append((trial, cfg))
-            self.echo(f"sweep: {len(outcomes)} of {len(self.trials)} trials finished before; {len(todo)} to run, "
+            self.echo(f"sweep: {part}{len(outcomes)} of {len(self.mine)} trials finished before; {len(todo)} to run, "
                       f"{self.jobs} at a time")
             data = self.prepare_data(todo, folder)
             queue = [trial for trial, _ in todo]
@@ -628,7 +679,7 @@ class Sweep:
             while queue or running:
                 while queue and len(running) < self.jobs:
                     trial = queue.pop(0)
-                    proc, run_id = self.start(client, experiment.experiment_id, parent_id, trial,
+                    proc, run_id = self.start(client, experiment.experiment_id, parent_id, key, trial,
                                               existing.get(trial.key), folder, data[trial.index])
                     running[proc] = (trial, run_id)
                     self.echo(f"sweep: trial {trial.index}/{len(self.trials)} started: {trial.name} (run {run_id})")
@@ -639,9 +690,9 @@ class Sweep:
                     done += 1
                     value = "" if outcome.metric is None else f" {self.metric}={outcome.metric:.4f}"
                     why = f": {outcome.error}" if outcome.error else ""
-                    self.echo(f"sweep: trial {trial.index} {outcome.status}{value}{why} ({done}/{len(self.trials)})")
+                    self.echo(f"sweep: trial {trial.index} {outcome.status}{value}{why} ({done}/{len(self.mine)})")
                 time.sleep(POLL_SECONDS if running else 0)
-            result.outcomes = [outcomes[t.index] for t in self.trials]
+            result.outcomes = [outcomes[t.index] for t, _ in self.mine]
             from pipeline import compare
 
             report = compare.default_folder(parent=parent_id)
@@ -653,7 +704,8 @@ class Sweep:
             failed = [o for o in result.outcomes if o.status != "FINISHED"]
             if failed:
                 listed = "; ".join(f"trial {o.trial.index} ({o.trial.name}): {o.error or o.status}" for o in failed)
-                raise TrialsFailed(f"{len(failed)} of {len(self.trials)} trials failed: {listed}; "
+                of_shard = f" of shard {self.shard}" if self.shard else ""
+                raise TrialsFailed(f"{len(failed)} of {len(self.mine)} trials{of_shard} failed: {listed}; "
                                    f"run the same command again to rerun them", result)
         except KeyboardInterrupt:
             # a second Ctrl-C or SIGTERM must not cut the clean-up short
@@ -675,6 +727,13 @@ class Sweep:
         client.set_terminated(parent_id, "FINISHED")
         return result
 
+    def _indices(self) -> str:
+        return ", ".join(str(t.index) for t, _ in self.mine)
+
+    @staticmethod
+    def _which(shard_text: str) -> str:
+        return f"shard {shard_text}" if shard_text else "all the trials"
+
 
 class TrialsFailed(PipelineError):
     """Some trials failed; the sweep ran the others. Carries the result for the summary table."""
@@ -685,6 +744,7 @@ class TrialsFailed(PipelineError):
 
 
 def run_sweep(params: str, space: Space, metric: str = DEFAULT_METRIC, jobs: int = 1, out: str = "outputs/sweeps",
-              new: bool = False, echo: Callable[[str], None] = print) -> SweepResult:
-    """Validate every trial, then run the sweep (or resume it); raises TrialsFailed when trials failed."""
-    return Sweep(params, space, metric, jobs, out, new, echo).run()
+              new: bool = False, echo: Callable[[str], None] = print, shard: Shard | None = None) -> SweepResult:
+    """Validate every trial, then run the sweep (or resume it), or only `shard`'s part of its trials; raises
+    TrialsFailed when trials failed."""
+    return Sweep(params, space, metric, jobs, out, new, echo, shard).run()

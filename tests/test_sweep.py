@@ -15,8 +15,8 @@ import yaml
 
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
-from pipeline.sweep import (Space, SweepFile, better, build_space, format_value, parse_value, read_sweep_file,
-                            split_outside_brackets, sweep_key, trial_configs, trial_list)
+from pipeline.sweep import (Shard, Space, Sweep, SweepFile, better, build_space, format_value, parse_value,
+                            read_sweep_file, split_outside_brackets, sweep_key, trial_configs, trial_list)
 from tests.conftest import BIN, ROOT, client, run
 from tests.test_cli import assert_one_line_error
 
@@ -157,6 +157,33 @@ def test_the_sweep_key_depends_on_the_space_and_the_base_config_only():
     assert better("val_loss") is min and better("test_accuracy") is max
 
 
+def test_shards_split_the_trial_list_round_robin_and_together_hold_every_trial_once():
+    space = build_space(grid=("optimizer.name=sgd,adam", "train.batch_size=32,64,128"), fixed=("train.epochs=1",))
+    trials = trial_list(space)
+    parts = [[t.index for t in trials if Shard.parse(f"{i}/3").holds(t)] for i in (1, 2, 3)]
+    assert parts == [[1, 4], [2, 5], [3, 6]]
+    assert sorted(sum(parts, [])) == [t.index for t in trials]
+    assert all(Shard.parse("1/1").holds(t) for t in trials)
+    assert str(Shard.parse(" 2 / 3 ")) == "2/3"
+    sweep = Sweep(str(ROOT / "params.yaml"), space, "test_accuracy", 1, "out", False, print, Shard(2, 3))
+    assert [t.index for t, _ in sweep.mine] == [2, 5] and len(sweep.trials) == 6
+
+
+@pytest.mark.parametrize("text", ["3/2", "0/2", "2", "1/0", "a/b", "1/2/3", "-1/2"])
+def test_a_bad_shard_is_one_error_naming_the_form(text):
+    with pytest.raises(PipelineError, match=re.escape(f"--shard {text!r}: expected I/N with 1 <= I <= N")):
+        Shard.parse(text)
+
+
+def test_a_shard_with_no_trials_fails_the_command_before_any_run(project):
+    done = run(["pipeline", "sweep", "--grid", "optimizer.name=sgd,adam", "--shard", "3/3"], project, check=False)
+    assert_one_line_error(done, "--shard 3/3: this sweep has 2 trials, so shard 3 would hold none; "
+                                "split it into at most 2 shards")
+    assert not (project / "mlflow.db").exists() and not (project / "outputs").exists()
+    done = run(["pipeline", "sweep", "--grid", "optimizer.name=sgd,adam", "--shard", "2of3"], project, check=False)
+    assert_one_line_error(done, "--shard '2of3': expected I/N with 1 <= I <= N, e.g. 2/3")
+
+
 def test_a_bad_trial_fails_the_command_before_any_run(project):
     done = run(["pipeline", "--set", "train.epochs=1", "sweep", "--grid", "optimizer.name=sgd,adamm"], project,
                check=False)
@@ -293,3 +320,43 @@ def test_mlflow_run_sweep_nests_its_trials_and_pipeline_sweep_reruns_only_the_fa
     assert (good_again.info.run_id, good_again.info.end_time) == (good.info.run_id, good.info.end_time)
     assert bad_again.info.run_id == bad.info.run_id and bad_again.info.end_time > bad.info.end_time
     assert bad_again.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_two_shards_run_each_trial_once_under_their_own_parents_and_compare_together(project):
+    # Two machines against one store, here one after the other: `--shard 1/2` and `--shard 2/2` of one command.
+    command = ["pipeline", *QUICK, "sweep", "--grid", "optimizer.learning_rate=0.01,0.002"]
+    first = run([*command, "--shard", "1/2"], project)
+    assert "shard 1/2 (trials 1): 0 of 1 trials finished before; 1 to run" in first.stderr
+    run([*command, "--shard", "2/2"], project)
+    store, runs = runs_of(project)
+    parents = {r.data.tags["sweep.shard"]: r for r in runs if "pipeline.sweep" in r.data.tags}
+    assert set(parents) == {"1/2", "2/2"}
+    (key,) = {p.data.tags["pipeline.sweep"] for p in parents.values()}  # one sweep, two parts
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    trials = {shard: [int(c.data.tags["sweep.trial"]) for c in children
+                      if c.data.tags["mlflow.parentRunId"] == parent.info.run_id] for shard, parent in parents.items()}
+    assert trials == {"1/2": [1], "2/2": [2]}
+    for child in children:
+        assert child.info.status == "FINISHED", child.data.tags.get("error")
+        assert child.data.tags["sweep.key"] == key
+        assert child.data.tags["sweep.shard"] == next(s for s, p in parents.items()
+                                                      if p.info.run_id == child.data.tags["mlflow.parentRunId"])
+    for shard, parent in parents.items():
+        assert parent.info.status == "FINISHED" and parent.data.params["sweep.shard"] == shard
+        assert parent.info.run_name.endswith(f"-shard-{shard.replace('/', '-of-')}")
+        assert parent.data.tags["best.run_id"] in {c.info.run_id for c in children}
+        assert parent.data.params["sweep.trials"] == "2" and parent.data.params["sweep.shard_trials"] == "1"
+    # The line each shard ends with selects both shards' trials, for one comparison.
+    hint = first.stdout.strip().splitlines()[-1]
+    assert hint == f"sweep: every shard's trials: pipeline compare --filter \"tags.\\`sweep.key\\` = '{key}'\""
+    compared = run(["pipeline", "compare", "--filter", f"tags.`sweep.key` = '{key}'"], project)
+    assert "compare: 2 runs selected" in compared.stdout
+    assert all(c.info.run_id in compared.stdout for c in children)
+
+    # Shard 1/2 again resumes its own parent with nothing to run; the unsharded sweep would be a third parent.
+    again = run([*command, "--shard", "1/2"], project)
+    assert f"resuming parent run {parents['1/2'].info.run_id}" in again.stderr
+    assert "shard 1/2 (trials 1): 1 of 1 trials finished before; 0 to run" in again.stderr
+    store, runs_again = runs_of(project)
+    assert len(runs_again) == len(runs)
