@@ -31,6 +31,7 @@ def test_dvc_repro_end_to_end_then_only_later_stages_rerun(project, monkeypatch)
                  "data/evaluate/plots/history.csv", "data/evaluate/plots/confusion.csv",
                  "data/evaluate/figures/val_accuracy_vs_loss.png", "data/predictions.csv", "dvc.lock"]:
         assert (project / path).is_file(), f"{path} missing\n{first.stdout}"
+    assert "\u2501" not in first.stdout + first.stderr  # no Keras progress bar (MLflow predicts the input example)
 
     store, runs = only_run(project)
     assert len(runs) == 1
