@@ -1029,10 +1029,9 @@ def log_model(model, example: np.ndarray) -> None:
     signature = infer_signature(example, model.predict(image_batches(example, len(example)), verbose=0)[:len(example)])
     # MLflow checks the input example by predicting it through the logged model, twice, with Keras' default
     # verbosity: two progress bars in the stage's log. Off while it logs.
-    interactive = keras.utils.is_interactive_logging_enabled()
-    keras.utils.disable_interactive_logging()
     with _keras_flavor_saves_examples(), contextlib.ExitStack() as restore:
-        if interactive:
+        if keras.utils.is_interactive_logging_enabled():
+            keras.utils.disable_interactive_logging()
             restore.callback(keras.utils.enable_interactive_logging)
         mlflow.keras.log_model(
             model,

@@ -528,3 +528,20 @@ def test_predict_labels_in_padded_batches_equal_the_model_on_each_image(data):
     expected = np.asarray(model(images, training=False)).argmax(axis=1)
     assert np.array_equal(predict_labels(model, images, batch_size=16), expected)
     assert model.predict_function.experimental_get_tracing_count() == 1
+
+
+def test_logging_the_model_prints_no_progress_bar_and_leaves_keras_logging_on(tmp_path, capfd):
+    # MLflow checks the input example by predicting it through the logged model, with Keras' default verbosity.
+    import mlflow
+
+    from pipeline.train import log_model
+
+    model = keras.Sequential([keras.Input((8, 8, 1), dtype="uint8"), keras.layers.Rescaling(1 / 255),
+                              keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run():
+        log_model(model, np.zeros((2, 8, 8, 1), dtype="uint8"))
+    assert "\u2501" not in capfd.readouterr().out
+    assert keras.utils.is_interactive_logging_enabled()
+    (logged,) = mlflow.search_logged_models(output_format="list")
+    assert logged.name == "model"
