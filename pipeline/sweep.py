@@ -476,6 +476,7 @@ class Sweep:
         from pipeline import tracking
 
         owner = {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
+        shard = {SHARD_TAG: self.shard_text} if self.shard else {}
         given = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run -e sweep` created it (or `--run-id` reopens one)
         if given:
             try:
@@ -497,10 +498,12 @@ class Sweep:
             resumed = SWEEP_TAG in run.data.tags
             parent_id = given
         else:
-            found = [] if self.new else [run for run in client.search_runs(
+            earlier = [] if self.new else client.search_runs(
                 [experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{key}'",
                 order_by=["attributes.start_time DESC"], max_results=1000)
-                if run.data.tags.get(SHARD_TAG, "") == self.shard_text]
+            if earlier:
+                self._check_split(earlier[0])
+            found = [run for run in earlier if run.data.tags.get(SHARD_TAG, "") == self.shard_text]
             if found:
                 run = found[0]
                 pid = run.data.tags.get("pipeline.pid", "")
@@ -513,12 +516,15 @@ class Sweep:
                 name = f"sweep-{len(self.trials)}-trials-{key[:8]}"
                 if self.shard:
                     name += f"-shard-{self.shard.index}-of-{self.shard.count}"
-                parent_id = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: key}).info.run_id
+                # tagged with its shard as it is made: no other machine ever sees it unsharded (_check_split)
+                parent_id = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: key, **shard}).info.run_id
                 resumed = False
         client.update_run(parent_id, status="RUNNING")
-        shard = {SHARD_TAG: self.shard_text} if self.shard else {}
-        for tag, value in {**owner, SWEEP_TAG: key, **shard, **tracking.git_state()}.items():
-            client.set_tag(parent_id, tag, value)
+        from mlflow.entities import RunTag
+
+        client.log_batch(parent_id, tags=[RunTag(tag, value) for tag, value in  # at once, as just said
+                                          {**owner, SWEEP_TAG: key, **shard, **tracking.git_state()}.items()],
+                         synchronous=True)
         with contextlib.suppress(MlflowException):  # an `error` tag from an earlier, failed run of the sweep
             client.delete_tag(parent_id, "error")
         return parent_id, resumed
@@ -726,6 +732,19 @@ class Sweep:
             raise
         client.set_terminated(parent_id, "FINISHED")
         return result
+
+    def _check_split(self, newest) -> None:
+        """One split at a time: shards of another count (or none) would run trials that other machines run
+        or ran. The newest parent of the sweep tells how it is split now; --new starts it afresh."""
+        theirs = newest.data.tags.get(SHARD_TAG, "")
+        count = theirs.partition("/")[2] or None
+        if count == (str(self.shard.count) if self.shard else None):
+            return
+        which = f"runs in {count} shards (run {newest.info.run_id} holds shard {theirs})" if count else \
+            f"ran unsharded (run {newest.info.run_id})"
+        fix = f"give --shard I/{count}" if count else "run it without --shard"
+        raise PipelineError(f"{'--shard ' + self.shard_text if self.shard else 'sweep'}: this sweep {which}; "
+                            f"{fix}, or --new to start it afresh{' in these shards' if self.shard else ''}")
 
     def _indices(self) -> str:
         return ", ".join(str(t.index) for t, _ in self.mine)

@@ -320,6 +320,11 @@ def test_mlflow_run_sweep_nests_its_trials_and_pipeline_sweep_reruns_only_the_fa
     assert (good_again.info.run_id, good_again.info.end_time) == (good.info.run_id, good.info.end_time)
     assert bad_again.info.run_id == bad.info.run_id and bad_again.info.end_time > bad.info.end_time
     assert bad_again.info.status == "FAILED"
+    # an unsharded sweep is not resumed in shards: they would rerun its finished trial
+    sharded = run(["pipeline", *QUICK, "sweep", "--grid", "model.pool_size=2,4", "--shard", "1/2"], project,
+                  check=False, env={"MLFLOW_TRACKING_URI": uri})
+    assert_one_line_error(sharded, f"--shard 1/2: this sweep ran unsharded (run {parent.info.run_id}); run it without "
+                                   "--shard, or --new to start it afresh in these shards")
 
 
 @pytest.mark.slow
@@ -360,3 +365,14 @@ def test_two_shards_run_each_trial_once_under_their_own_parents_and_compare_toge
     assert "shard 1/2 (trials 1): 1 of 1 trials finished before; 0 to run" in again.stderr
     store, runs_again = runs_of(project)
     assert len(runs_again) == len(runs)
+
+    # Split another way, or not at all, the shards would rerun what the others ran: refused, nothing made.
+    newest = max(parents.values(), key=lambda r: r.info.start_time)
+    other = run([*command, "--shard", "1/3"], project, check=False)
+    assert_one_line_error(other, f"--shard 1/3: this sweep runs in 2 shards (run {newest.info.run_id} holds shard "
+                                 f"{newest.data.tags['sweep.shard']}); give --shard I/2, or --new to start it afresh "
+                                 "in these shards")
+    whole = run(command, project, check=False)
+    assert_one_line_error(whole, "sweep: this sweep runs in 2 shards", "give --shard I/2, or --new to start it afresh")
+    store, runs_after = runs_of(project)
+    assert len(runs_after) == len(runs) and all(r.info.status == "FINISHED" for r in runs_after)
