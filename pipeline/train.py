@@ -628,6 +628,17 @@ def train_model(cfg: Config, data: Prepared, on_epoch=None, verbose: int = 2, ba
     return result
 
 
+def training_loss(label_smoothing: float, num_classes: int):
+    """(loss, one_hot): the loss to compile with, and the class count to one-hot the labels to (None: integer
+    labels as they are). Keras 3's SparseCategoricalCrossentropy has no label_smoothing: smoothing needs
+    one-hot labels."""
+    import keras
+
+    if label_smoothing:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing), num_classes
+    return "sparse_categorical_crossentropy", None
+
+
 def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int, backup: Backup | None, placement) -> TrainResult:
     import keras
 
@@ -639,12 +650,7 @@ def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int, backup: Backup | N
     num_classes = len(data.class_names)
     batch = cfg.train.batch_size  # the global batch
     steps_per_epoch = math.ceil(len(data.train_x) / batch)
-    smoothing = cfg.train.label_smoothing
-    # Keras 3's SparseCategoricalCrossentropy has no label_smoothing: smoothing needs one-hot labels.
-    if smoothing:
-        loss, one_hot = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing), num_classes
-    else:  # the integer labels as they are
-        loss, one_hot = "sparse_categorical_crossentropy", None
+    loss, one_hot = training_loss(cfg.train.label_smoothing, num_classes)
     with placement.strategy.scope():  # the network's, the optimizer's and the metrics' variables: per replica
         network = build_model(cfg.model, data.input_shape, num_classes)
         fuse_batch_norm(network)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -74,18 +73,18 @@ def recipe(cfg, data, policy: str) -> dict:
 
     from pipeline.models import build_model
     from pipeline.preprocess import network_input
-    from pipeline.train import build_optimizer, learning_rate_schedule
+    from pipeline.train import build_optimizer, learning_rate_schedule, training_loss
 
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(cfg.seed)
     classes = len(data.class_names)
     network = build_model(cfg.model, data.input_shape, classes)
     steps = math.ceil(len(data.train_x) / cfg.train.batch_size)
+    loss, one_hot = training_loss(cfg.train.label_smoothing, classes)
     network.compile(optimizer=build_optimizer(cfg.optimizer, learning_rate_schedule(cfg.optimizer, steps, cfg.train.epochs)),
-                    loss=keras.losses.CategoricalCrossentropy(label_smoothing=cfg.train.label_smoothing),
-                    metrics=["accuracy"])
+                    loss=loss, metrics=["accuracy"])
     train_x, val_x, test_x = (network_input(x, data.stats) for x in (data.train_x, data.val_x, data.test_x))
-    train_y, val_y = (np.eye(classes, dtype="float32")[y] for y in (data.train_y, data.val_y))
+    train_y, val_y = (np.eye(one_hot, dtype="float32")[y] if one_hot else y for y in (data.train_y, data.val_y))
     epoch_seconds = []
 
     class Clock(keras.callbacks.Callback):
