@@ -466,6 +466,7 @@ class Sweep:
             raise PipelineError(f"--shard {shard}: this sweep has {len(self.trials)} trials, so shard {shard.index} "
                                 f"would hold none; split it into at most {len(self.trials)} shards")
         self.shard_text = str(shard) if shard else ""
+        self.shard_tags = {SHARD_TAG: self.shard_text} if shard else {}  # on the parent and every trial
 
     # -- the parent
 
@@ -476,7 +477,6 @@ class Sweep:
         from pipeline import tracking
 
         owner = {"pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
-        shard = {SHARD_TAG: self.shard_text} if self.shard else {}
         given = os.environ.get("MLFLOW_RUN_ID")  # `mlflow run -e sweep` created it (or `--run-id` reopens one)
         if given:
             try:
@@ -517,14 +517,14 @@ class Sweep:
                 if self.shard:
                     name += f"-shard-{self.shard.index}-of-{self.shard.count}"
                 # tagged with its shard as it is made: no other machine ever sees it unsharded (_check_split)
-                parent_id = client.create_run(experiment_id, run_name=name, tags={SWEEP_TAG: key, **shard}).info.run_id
+                parent_id = client.create_run(experiment_id, run_name=name,
+                                              tags={SWEEP_TAG: key, **self.shard_tags}).info.run_id
                 resumed = False
         client.update_run(parent_id, status="RUNNING")
         from mlflow.entities import RunTag
 
-        client.log_batch(parent_id, tags=[RunTag(tag, value) for tag, value in  # at once, as just said
-                                          {**owner, SWEEP_TAG: key, **shard, **tracking.git_state()}.items()],
-                         synchronous=True)
+        tags = {**owner, SWEEP_TAG: key, **self.shard_tags, **tracking.git_state()}
+        client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)  # at once
         with contextlib.suppress(MlflowException):  # an `error` tag from an earlier, failed run of the sweep
             client.delete_tag(parent_id, "error")
         return parent_id, resumed
@@ -591,9 +591,8 @@ class Sweep:
               data: tuple[Path, Path]) -> tuple[subprocess.Popen, str]:
         from mlflow.exceptions import MlflowException
 
-        shard = {SHARD_TAG: self.shard_text} if self.shard else {}
-        tags = {PARENT_TAG: parent_id, TRIAL_TAG: str(trial.index), TRIAL_KEY_TAG: trial.key, KEY_TAG: key, **shard,
-                "sweep.overrides": trial.name, "sweep.data": str(data[1]),
+        tags = {PARENT_TAG: parent_id, TRIAL_TAG: str(trial.index), TRIAL_KEY_TAG: trial.key, KEY_TAG: key,
+                **self.shard_tags, "sweep.overrides": trial.name, "sweep.data": str(data[1]),
                 # the sweep owns the run until the trial's process reopens it (tracking.fail_abandoned_runs)
                 "pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
         if existing is None:
