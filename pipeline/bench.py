@@ -215,7 +215,7 @@ def tracking_figures(params, sizes, data, quick, echo) -> list[Figure]:
     import mlflow
 
     from pipeline import tracking
-    from pipeline.train import train_model
+    from pipeline.train import keras_progress_off, train_model
 
     cfg = _config(params, sizes, f"train.epochs={sizes.tracking_epochs}")
     echo(f"bench: tracking overhead, {sizes.tracking_epochs} epochs, twice each way ...")
@@ -237,8 +237,8 @@ def tracking_figures(params, sizes, data, quick, echo) -> list[Figure]:
         else:
             echo("bench: tracking overhead: the same training under mlflow.tensorflow.autolog() ...")
             mlflow.tensorflow.autolog(silent=True)
-            try:
-                with mlflow.start_run():  # autolog's fit logs params, per-epoch metrics and the model into it
+            try:  # its model logging predicts with Keras' progress bars: off, as in our train stage's
+                with keras_progress_off(), mlflow.start_run():  # autolog's fit logs params, metrics and the model
                     autolog = train_model(cfg, data, verbose=0).train_seconds
             finally:
                 mlflow.tensorflow.autolog(disable=True)

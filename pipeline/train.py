@@ -1035,10 +1035,7 @@ def log_model(model, example: np.ndarray) -> None:
     signature = infer_signature(example, model.predict(image_batches(example, len(example)), verbose=0)[:len(example)])
     # MLflow checks the input example by predicting it through the logged model, twice, with Keras' default
     # verbosity: two progress bars in the stage's log. Off while it logs.
-    with _keras_flavor_saves_examples(), contextlib.ExitStack() as restore:
-        if keras.utils.is_interactive_logging_enabled():
-            keras.utils.disable_interactive_logging()
-            restore.callback(keras.utils.enable_interactive_logging)
+    with _keras_flavor_saves_examples(), keras_progress_off():
         mlflow.keras.log_model(
             model,
             name="model",
@@ -1047,6 +1044,22 @@ def log_model(model, example: np.ndarray) -> None:
             # stated, not inferred: inference reloads the model in a subprocess (seconds per run)
             pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
         )
+
+
+@contextlib.contextmanager
+def keras_progress_off():
+    """Keras' progress bars (interactive logging) off for a while, as they were afterwards: for MLflow code
+    that predicts with Keras' default verbosity (the Keras flavor's input-example check, autolog)."""
+    import keras
+
+    if not keras.utils.is_interactive_logging_enabled():
+        yield
+        return
+    keras.utils.disable_interactive_logging()
+    try:
+        yield
+    finally:
+        keras.utils.enable_interactive_logging()
 
 
 @contextlib.contextmanager

@@ -38,4 +38,5 @@ def test_quick_bench_measures_every_figure_against_its_baseline(project):
     table = (out / "bench-quick.md").read_text()
     assert table.count("\n| ") == len(names) + 1  # header + one row per figure
     assert "| figure | ours | baseline | ratio |" in done.stdout  # printed too
+    assert "\u2501" not in done.stdout + done.stderr  # no Keras progress bar (autolog's model logging predicts)
     assert not (project / "data/train").exists()  # the main job ran in a copy, not in the user's checkout

@@ -545,3 +545,19 @@ def test_logging_the_model_prints_no_progress_bar_and_leaves_keras_logging_on(tm
     assert keras.utils.is_interactive_logging_enabled()
     (logged,) = mlflow.search_logged_models(output_format="list")
     assert logged.name == "model"
+
+
+def test_keras_progress_off_restores_the_setting_it_found_even_on_an_error():
+    from pipeline.train import keras_progress_off
+
+    with pytest.raises(RuntimeError), keras_progress_off():
+        assert not keras.utils.is_interactive_logging_enabled()
+        raise RuntimeError("in the middle")
+    assert keras.utils.is_interactive_logging_enabled()
+    keras.utils.disable_interactive_logging()
+    try:
+        with keras_progress_off():
+            pass
+        assert not keras.utils.is_interactive_logging_enabled()  # off before: left off
+    finally:
+        keras.utils.enable_interactive_logging()
