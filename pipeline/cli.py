@@ -364,11 +364,13 @@ class _BlankIsNone(click.ParamType):
 @click.option("--out", default="outputs/sweeps", type=click.Path(file_okay=False),
               help="Outputs go to OUT/<parent run id>/: sweep.yaml, data/ (data built for the sweep), and "
                    "one folder per trial run id with `pipeline run`'s outputs and trial.log.")
-@click.option("--new", is_flag=True, help="Start a new parent run even if this sweep ran before.")
+@click.option("--new", is_flag=True,
+              help="Start the sweep afresh, in a new parent run, even if it ran before (its next generation; "
+                   "with --shard, the other machines' shards join it, with or without --new).")
 @click.option("--shard", type=_BlankIsNone(click.STRING), default=None, metavar="I/N",
               help="Run only part I of N of the trials (trials I, I+N, I+2N, ...): the same command with 1/N .. N/N "
                    "on N machines, against one tracking server, runs each trial once. Each shard has its own "
-                   "parent run; all their trials carry the tag sweep.key.")
+                   "parent run; all their trials carry the tags sweep.key and sweep.generation.")
 @click.pass_context
 def sweep(ctx: click.Context, grid: tuple[str, ...], draws: tuple[str, ...], trials: int | None, seed: int | None,
           sweep_file: str | None, more: str, metric: str | None, jobs: int, out: str, new: bool,
@@ -417,7 +419,7 @@ def sweep(ctx: click.Context, grid: tuple[str, ...], draws: tuple[str, ...], tri
     click.echo(f"sweep: parent run {result.parent_id} -> {result.folder}")
     if part is not None:
         click.echo(f"sweep: every shard's trials: pipeline compare --filter \"tags.\\`{stage.KEY_TAG}\\` = "
-                   f"'{result.key}'\"")
+                   f"'{result.key}' and tags.\\`{stage.GENERATION_TAG}\\` = '{result.generation}'\"")
 
 
 def main() -> None:

@@ -17,7 +17,9 @@ in their own runs and folders (a killed training resumes from its backup there: 
 Across machines, `--shard I/N` runs every N-th trial from the I-th (Shard): the same command with 1/N ..
 N/N on N machines against one tracking server runs each trial once. Each shard is a sweep of its own
 (its own parent, tagged `sweep.shard`, resumable alone); every trial carries the sweep's key as the tag
-`sweep.key`, which selects all the shards' trials at once (`pipeline compare --filter`).
+`sweep.key`, which selects all the shards' trials at once (`pipeline compare --filter`). `--new` starts
+the sweep's next generation (tag `sweep.generation` on parents and trials): the shards of the other
+machines join it, with or without `--new` (place_in_generation).
 
 The data stages run once per group of trials with equal data params (workflow.data_params): from DVC's
 cache when they equal params.yaml's (workflow.dvc_data), else fetched and preprocessed into the sweep's
@@ -56,6 +58,7 @@ TRIAL_TAG = "sweep.trial"  # on a child: its 1-based position in the trial list
 TRIAL_KEY_TAG = "sweep.trial_key"  # on a child: hash of its position and overrides, how a rerun finds it
 SHARD_TAG = "sweep.shard"  # on a sharded sweep's parent and children: I/N (--shard)
 KEY_TAG = "sweep.key"  # on a child: its sweep's key, the same in every shard: how to select all of them
+GENERATION_TAG = "sweep.generation"  # on a parent and its children: which start of the sweep (--new), from 1
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting tag: the UI lists the children under the parent
 SIGNIFICANT = 4  # drawn floats are rounded to 4 significant digits: readable run names, exact as YAML
 STOP_SECONDS = 60  # how long a trial gets to end its run after SIGTERM before it is killed
@@ -344,6 +347,35 @@ class Shard:
         return (trial.index - 1) % self.count == self.index - 1
 
 
+def place_in_generation(parents: list[tuple[int, str]], shard_text: str, new: bool) -> tuple[int, int | None]:
+    """(generation, index in `parents` of the parent to resume, or None for a new one) for this run's parent.
+
+    parents: the sweep's earlier parents, newest first, as (generation, shard: "I/N", or "" unsharded).
+    A generation is one start of the sweep on all its machines. Without --new, a shard resumes its parent in
+    the newest generation, or joins that generation with a new parent when it has none there (another
+    machine started it afresh). --new starts the next generation, unless this shard has no parent yet in
+    the newest one and that one is split the same way: then it joins it (every machine of a restart gives
+    --new, and the first one started it)."""
+    newest = max((generation for generation, _ in parents), default=0)
+    current = [(i, shard) for i, (generation, shard) in enumerate(parents) if generation == newest]
+    mine = [i for i, shard in current if shard == shard_text]
+    if new:
+        same_split = all(shard.partition("/")[2] == shard_text.partition("/")[2] for _, shard in current)
+        return (newest if current and not mine and same_split else newest + 1), None
+    return max(newest, 1), (mine[0] if mine else None)
+
+
+def generation_of(run) -> int:
+    """A sweep parent's generation; 1 for one made before generations were tagged."""
+    text = run.data.tags.get(GENERATION_TAG, "")
+    return int(text) if text.isdigit() else 1
+
+
+def _placed(parents: list) -> list[tuple[int, str]]:
+    """Parent runs as place_in_generation takes them: (generation, shard)."""
+    return [(generation_of(run), run.data.tags.get(SHARD_TAG, "")) for run in parents]
+
+
 def trial_configs(params: str | os.PathLike, space: Space, trials: list[Trial]) -> list[Config]:
     """Every trial's config, validated before any trial starts; the first bad one fails naming its trial."""
     configs = []
@@ -392,6 +424,7 @@ class SweepResult:
     resumed: bool = False
     key: str = ""  # the sweep's (sweep_key): tag sweep.key on every trial, in every shard
     shard: Shard | None = None
+    generation: int = 1  # tag sweep.generation on the parent and every trial: which start of the sweep
 
     def table(self) -> str:
         rows = [f"{'trial':>5}  {'status':8}  {self.metric:>14}  {'run id':32}  overrides"]
@@ -467,6 +500,7 @@ class Sweep:
                                 f"would hold none; split it into at most {len(self.trials)} shards")
         self.shard_text = str(shard) if shard else ""
         self.shard_tags = {SHARD_TAG: self.shard_text} if shard else {}  # on the parent and every trial
+        self.generation = 1  # open_parent finds it (place_in_generation)
 
     # -- the parent
 
@@ -497,15 +531,18 @@ class Sweep:
                                     f"{self._which(self.shard_text)}")
             resumed = SWEEP_TAG in run.data.tags
             parent_id = given
+            if resumed:
+                self.generation = generation_of(run)
+            else:  # a new parent run, as --new makes one
+                others = [r for r in self._parents(client, experiment_id, key) if r.info.run_id != given]
+                self.generation, _ = place_in_generation(_placed(others), self.shard_text, new=True)
         else:
-            earlier = [] if self.new else client.search_runs(
-                [experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{key}'",
-                order_by=["attributes.start_time DESC"], max_results=1000)
-            if earlier:
+            earlier = self._parents(client, experiment_id, key)
+            if earlier and not self.new:
                 self._check_split(earlier[0])
-            found = [run for run in earlier if run.data.tags.get(SHARD_TAG, "") == self.shard_text]
-            if found:
-                run = found[0]
+            self.generation, index = place_in_generation(_placed(earlier), self.shard_text, self.new)
+            if index is not None:
+                run = earlier[index]
                 pid = run.data.tags.get("pipeline.pid", "")
                 if (run.info.status == "RUNNING" and run.data.tags.get("pipeline.host") == owner["pipeline.host"]
                         and pid.isdigit() and tracking.process_alive(int(pid))):
@@ -517,13 +554,14 @@ class Sweep:
                 if self.shard:
                     name += f"-shard-{self.shard.index}-of-{self.shard.count}"
                 # tagged with its shard as it is made: no other machine ever sees it unsharded (_check_split)
-                parent_id = client.create_run(experiment_id, run_name=name,
-                                              tags={SWEEP_TAG: key, **self.shard_tags}).info.run_id
+                parent_id = client.create_run(experiment_id, run_name=name, tags={
+                    SWEEP_TAG: key, **self.shard_tags, GENERATION_TAG: str(self.generation)}).info.run_id
                 resumed = False
         client.update_run(parent_id, status="RUNNING")
         from mlflow.entities import RunTag
 
-        tags = {**owner, SWEEP_TAG: key, **self.shard_tags, **tracking.git_state()}
+        tags = {**owner, SWEEP_TAG: key, **self.shard_tags, GENERATION_TAG: str(self.generation),
+                **tracking.git_state()}
         client.log_batch(parent_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)  # at once
         with contextlib.suppress(MlflowException):  # an `error` tag from an earlier, failed run of the sweep
             client.delete_tag(parent_id, "error")
@@ -592,7 +630,8 @@ class Sweep:
         from mlflow.exceptions import MlflowException
 
         tags = {PARENT_TAG: parent_id, TRIAL_TAG: str(trial.index), TRIAL_KEY_TAG: trial.key, KEY_TAG: key,
-                **self.shard_tags, "sweep.overrides": trial.name, "sweep.data": str(data[1]),
+                **self.shard_tags, GENERATION_TAG: str(self.generation), "sweep.overrides": trial.name,
+                "sweep.data": str(data[1]),
                 # the sweep owns the run until the trial's process reopens it (tracking.fail_abandoned_runs)
                 "pipeline.host": socket.gethostname(), "pipeline.pid": str(os.getpid())}
         if existing is None:
@@ -658,7 +697,8 @@ class Sweep:
         tracking.fail_abandoned_runs(experiment.experiment_id)  # e.g. the trials of a sweep that was killed
         parent_id, resumed = self.open_parent(client, experiment.experiment_id, key)
         folder = self.out / parent_id
-        result = SweepResult(parent_id, folder, self.metric, resumed=resumed, key=key, shard=self.shard)
+        result = SweepResult(parent_id, folder, self.metric, resumed=resumed, key=key, shard=self.shard,
+                             generation=self.generation)
         self.echo(f"sweep: {'resuming' if resumed else 'new'} parent run {parent_id} "
                   f"({self.space.describe(len(self.trials))}) -> {folder}")
         part = f"shard {self.shard} (trials {self._indices()}): " if self.shard else ""
@@ -731,6 +771,12 @@ class Sweep:
             raise
         client.set_terminated(parent_id, "FINISHED")
         return result
+
+    @staticmethod
+    def _parents(client, experiment_id: str, key: str) -> list:
+        """The sweep's parent runs, newest first."""
+        return client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{key}'",
+                                  order_by=["attributes.start_time DESC"], max_results=1000)
 
     def _check_split(self, newest) -> None:
         """One split at a time: shards of another count (or none) would run trials that other machines run

@@ -15,8 +15,9 @@ import yaml
 
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
-from pipeline.sweep import (Shard, Space, Sweep, SweepFile, better, build_space, format_value, parse_value,
-                            read_sweep_file, split_outside_brackets, sweep_key, trial_configs, trial_list)
+from pipeline.sweep import (Shard, Space, Sweep, SweepFile, better, build_space, format_value, generation_of,
+                            parse_value, place_in_generation, read_sweep_file, split_outside_brackets, sweep_key,
+                            trial_configs, trial_list)
 from tests.conftest import BIN, ROOT, client, run
 from tests.test_cli import assert_one_line_error
 
@@ -167,6 +168,39 @@ def test_shards_split_the_trial_list_round_robin_and_together_hold_every_trial_o
     assert str(Shard.parse(" 2 / 3 ")) == "2/3"
     sweep = Sweep(str(ROOT / "params.yaml"), space, "test_accuracy", 1, "out", False, print, Shard(2, 3))
     assert [t.index for t, _ in sweep.mine] == [2, 5] and len(sweep.trials) == 6
+
+
+def test_a_restarted_sweep_is_a_new_generation_that_every_shard_joins_with_or_without_new():
+    # (generation, shard) of the sweep's parents, newest first -> (generation, index of the parent to resume)
+    assert place_in_generation([], "", new=False) == (1, None)
+    assert place_in_generation([], "1/2", new=True) == (1, None)
+    first = [(1, "2/2"), (1, "1/2")]  # both machines ran
+    assert place_in_generation(first[1:], "2/2", new=False) == (1, None)  # the second machine joins the first
+    assert place_in_generation(first, "1/2", new=False) == (1, 1)  # resumes its own parent
+    # host-a restarts the sweep: the next generation
+    assert place_in_generation(first, "1/2", new=True) == (2, None)
+    restarted = [(2, "1/2"), *first]
+    # host-b joins it with or without --new, and never resumes its parent of the first generation
+    assert place_in_generation(restarted, "2/2", new=False) == (2, None)
+    assert place_in_generation(restarted, "2/2", new=True) == (2, None)
+    both = [(2, "2/2"), *restarted]
+    assert place_in_generation(both, "1/2", new=False) == (2, 1)  # host-a resumes its restarted parent
+    assert place_in_generation(both, "1/3", new=True) == (3, None)  # split another way: a generation of its own
+    assert place_in_generation([(1, "1/3"), (1, "1/2")], "2/2", new=True) == (2, None)  # mixed: never joined
+    # unsharded: --new always starts the next generation; without it, the newest parent resumes
+    assert place_in_generation([(1, "")], "", new=True) == (2, None)
+    assert place_in_generation([(2, ""), (1, "")], "", new=False) == (2, 0)
+    # a parent from before the tag is generation 1
+    assert generation_of(parent_run({})) == 1 and generation_of(parent_run({"sweep.generation": "3"})) == 3
+
+
+def parent_run(tags: dict):
+    """An MLflow Run entity with these tags, as MlflowClient.search_runs returns them."""
+    from mlflow.entities import Run, RunData, RunInfo, RunTag
+
+    info = RunInfo(run_id="r", experiment_id="0", user_id="u", status="FINISHED", start_time=0, end_time=0,
+                   lifecycle_stage="active")
+    return Run(info, RunData(tags=[RunTag(k, v) for k, v in tags.items()]))
 
 
 @pytest.mark.parametrize("text", ["3/2", "0/2", "2", "1/0", "a/b", "1/2/3", "-1/2"])
@@ -344,7 +378,7 @@ def test_two_shards_run_each_trial_once_under_their_own_parents_and_compare_toge
     assert trials == {"1/2": [1], "2/2": [2]}
     for child in children:
         assert child.info.status == "FINISHED", child.data.tags.get("error")
-        assert child.data.tags["sweep.key"] == key
+        assert child.data.tags["sweep.key"] == key and child.data.tags["sweep.generation"] == "1"
         assert child.data.tags["sweep.shard"] == next(s for s, p in parents.items()
                                                       if p.info.run_id == child.data.tags["mlflow.parentRunId"])
     for shard, parent in parents.items():
@@ -354,8 +388,11 @@ def test_two_shards_run_each_trial_once_under_their_own_parents_and_compare_toge
         assert parent.data.params["sweep.trials"] == "2" and parent.data.params["sweep.shard_trials"] == "1"
     # The line each shard ends with selects both shards' trials, for one comparison.
     hint = first.stdout.strip().splitlines()[-1]
-    assert hint == f"sweep: every shard's trials: pipeline compare --filter \"tags.\\`sweep.key\\` = '{key}'\""
-    compared = run(["pipeline", "compare", "--filter", f"tags.`sweep.key` = '{key}'"], project)
+    assert hint == (f"sweep: every shard's trials: pipeline compare --filter \"tags.\\`sweep.key\\` = '{key}' "
+                    "and tags.\\`sweep.generation\\` = '1'\"")
+    assert {p.data.tags["sweep.generation"] for p in parents.values()} == {"1"}
+    compared = run(["pipeline", "compare", "--filter",
+                    f"tags.`sweep.key` = '{key}' and tags.`sweep.generation` = '1'"], project)
     assert "compare: 2 runs selected" in compared.stdout
     assert all(c.info.run_id in compared.stdout for c in children)
 
