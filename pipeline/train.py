@@ -1048,7 +1048,7 @@ def log_model(model, example: np.ndarray) -> None:
 
 @contextlib.contextmanager
 def keras_progress_off():
-    """Keras' progress bars (interactive logging) off for a while, as they were afterwards: for MLflow code
+    """Keras' progress bars (interactive logging) off for a while, then back as they were: for MLflow code
     that predicts with Keras' default verbosity (the Keras flavor's input-example check, autolog)."""
     import keras
 
