@@ -76,10 +76,12 @@ PRESETS: dict[str, dict] = {
     # notebook 003 (Fashion-MNIST CSV, 5 classes)
     "cnn": CNN,
     "cnn_bn": _preset(CNN, batch_norm=[[True, True], [True, False]], block_batch_norm=[False, True]),  # model 7
-    # ours, the default: notebook 003's CNN with 3x3 kernels in the first block too: 1.7x fewer multiply-adds
-    # per image (19 M against 32 M on 28x28), 1.4x faster to train on a CPU; and no dropout after the blocks
-    # (the dense layer keeps its 0.25), which a 3-epoch training needs to reach 92% (91.15% with it)
-    "cnn_fast": _preset(CNN, kernel_sizes=[3, 3], dropout=0.0),
+    # ours, the default: notebook 003's CNN with 3x3 kernels in the first block too, one conv of 96 filters in
+    # its second block instead of two of 64, and no dropout after the blocks (the dense layer keeps its 0.25):
+    # 2.3x fewer multiply-adds per image (14 M against 32 M on 28x28). In the default 3-epoch recipe it is as
+    # accurate as the same with the notebook's second block (92.36% test against 92.33%; seed 1: 92.06% against
+    # 92.14%) in 0.87x its fit time; with the notebook's block dropout of 0.25, 3 epochs reach only 91.15%.
+    "cnn_fast": _preset(CNN, filters=[[32, 32], [96]], kernel_sizes=[3, 3], dropout=0.0),
     "lenet5": _preset(
         CNN, filters=[[6], [16]], kernel_sizes=[5, 5], padding=["same", "valid"], activation="tanh", pool="average",
         pool_strides=[1, 2], dropout=0.0, dense=[120, 84], dense_dropout=0.0,
