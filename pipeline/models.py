@@ -80,7 +80,7 @@ PRESETS: dict[str, dict] = {
     # its second block instead of two of 64, and no dropout after the blocks (the dense layer keeps its 0.25):
     # 2.3x fewer multiply-adds per image (14 M against 32 M on 28x28). In the default 3-epoch recipe it is as
     # accurate as the same with the notebook's second block (92.36% test against 92.33%; seed 1: 92.06% against
-    # 92.14%) in 0.87x its fit time; with the notebook's block dropout of 0.25, 3 epochs reach only 91.15%.
+    # 92.14%) in 0.87x its fit time. With the notebook's block dropout of 0.25, that one reached only 91.15%.
     "cnn_fast": _preset(CNN, filters=[[32, 32], [96]], kernel_sizes=[3, 3], dropout=0.0),
     "lenet5": _preset(
         CNN, filters=[[6], [16]], kernel_sizes=[5, 5], padding=["same", "valid"], activation="tanh", pool="average",
