@@ -360,9 +360,14 @@ def place_in_generation(parents: list[tuple[int, str]], shard_text: str, new: bo
     current = [(i, shard) for i, (generation, shard) in enumerate(parents) if generation == newest]
     mine = [i for i, shard in current if shard == shard_text]
     if new:
-        same_split = all(shard.partition("/")[2] == shard_text.partition("/")[2] for _, shard in current)
+        same_split = all(split_count(shard) == split_count(shard_text) for _, shard in current)
         return (newest if current and not mine and same_split else newest + 1), None
     return max(newest, 1), (mine[0] if mine else None)
+
+
+def split_count(shard_text: str) -> str:
+    """N of a shard's "I/N" (the count its sweep is split in); "" for an unsharded sweep."""
+    return shard_text.partition("/")[2]
 
 
 def generation_of(run) -> int:
@@ -782,8 +787,8 @@ class Sweep:
         """One split at a time: shards of another count (or none) would run trials that other machines run
         or ran. The newest parent of the sweep tells how it is split now; --new starts it afresh."""
         theirs = newest.data.tags.get(SHARD_TAG, "")
-        count = theirs.partition("/")[2] or None
-        if count == (str(self.shard.count) if self.shard else None):
+        count = split_count(theirs)
+        if count == split_count(self.shard_text):
             return
         which = f"runs in {count} shards (run {newest.info.run_id} holds shard {theirs})" if count else \
             f"ran unsharded (run {newest.info.run_id})"
