@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tests.conftest import BIN, run
+from tests.conftest import BIN, ROOT, run
 
 
 @pytest.mark.slow
@@ -40,3 +40,17 @@ def test_quick_bench_measures_every_figure_against_its_baseline(project):
     assert "| figure | ours | baseline | ratio |" in done.stdout  # printed too
     assert "\u2501" not in done.stdout + done.stderr  # no Keras progress bar (autolog's model logging predicts)
     assert not (project / "data/train").exists()  # the main job ran in a copy, not in the user's checkout
+
+
+def test_recipe_bench_fits_both_recipes_alternately_and_prints_their_ratio(tmp_path):
+    done = run([str(BIN / "python"), str(ROOT / "scripts/bench-recipe.py"), "--repeat", "1",
+                "--set", "data.source=digits train.epochs=1 model.dense=[16]", "--baseline", "model.filters=[[8],[8]]",
+                "--candidate", "model.filters=[[4],[4]]"], tmp_path)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("CPU: ") and "1 fits each, alternated" in lines[0]
+    assert [line.split(" (")[0] for line in lines[1:3]] == ["baseline", "candidate"]  # alternated
+    rows = [line for line in lines if line.startswith(("| baseline |", "| candidate |"))]
+    assert "model.filters=[[8],[8]]" in rows[0] and "model.filters=[[4],[4]]" in rows[1]
+    assert all(re.search(r"\| \d+\.\d s \| \d+\.\d s \| \d+\.\d\d% \|$", row) for row in rows), rows
+    assert re.fullmatch(r"candidate's fit: \d+\.\d\dx the baseline's speed \(fastest against fastest\); "
+                        r"test accuracy [+-]\d+\.\d\d points", lines[-1]), lines[-1]
