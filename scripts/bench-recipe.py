@@ -81,4 +81,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import PipelineError
+
+    try:
+        main()
+    except PipelineError as exc:  # a bad override or data: one line, as the pipeline's commands say it
+        sys.exit(f"error: {exc}")

@@ -54,3 +54,8 @@ def test_recipe_bench_fits_both_recipes_alternately_and_prints_their_ratio(tmp_p
     assert all(re.search(r"\| \d+\.\d s \| \d+\.\d s \| \d+\.\d\d% \|$", row) for row in rows), rows
     assert re.fullmatch(r"candidate's fit: \d+\.\d\dx the baseline's speed \(fastest against fastest\); "
                         r"test accuracy [+-]\d+\.\d\d points", lines[-1]), lines[-1]
+
+    bad = run([str(BIN / "python"), str(ROOT / "scripts/bench-recipe.py"), "--candidate", "model.nope=1"], tmp_path,
+              check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: override 'model.nope=1': unknown key 'model.nope'")
