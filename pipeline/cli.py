@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 import click
 
+from pipeline import interrupts
 from pipeline.config import DEFAULT_PARAMS, Config, load_config
 from pipeline.errors import PipelineError
 from pipeline.reproduce import DEFAULT_TOLERANCE
@@ -28,10 +28,6 @@ RUN_OPTIONS = {  # `pipeline run` / MLproject -P names -> params.yaml keys
     "dropout": "model.dropout",
     "dataset": "data.source",
 }
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -53,7 +49,6 @@ def cli(ctx: click.Context, params_path: str, overrides: tuple[str, ...], verbos
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("alembic", "mlflow.store", "urllib3", "matplotlib", "h5py", "absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     ctx.obj = {"params": params_path, "overrides": overrides}
 
 
@@ -423,9 +418,11 @@ def sweep(ctx: click.Context, grid: tuple[str, ...], draws: tuple[str, ...], tri
 
 
 def main() -> None:
+    interrupts.install()  # Ctrl-C and SIGTERM: KeyboardInterrupt, never lost (a run ends KILLED)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of stage logs
     try:
         code = cli.main(standalone_mode=False, prog_name="pipeline")  # click's Exit(n) (--help: 0) returns n
+        interrupts.raise_if_interrupted()  # one that Python dropped after the last check
         code = code if isinstance(code, int) else 0
     except (click.exceptions.Abort, KeyboardInterrupt):  # the run, if any, has ended KILLED
         click.echo("interrupted", err=True)

@@ -48,6 +48,7 @@ from typing import Annotated, Any, Callable, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline import interrupts
 from pipeline.config import DEFAULT_PARAMS, Config, ConfigError, load_config
 from pipeline.errors import PipelineError
 
@@ -727,6 +728,7 @@ class Sweep:
             queue = [trial for trial, _ in todo]
             done = len(outcomes)
             while queue or running:
+                interrupts.raise_if_interrupted()  # a Ctrl-C that Python dropped
                 while queue and len(running) < self.jobs:
                     trial = queue.pop(0)
                     proc, run_id = self.start(client, experiment.experiment_id, parent_id, key, trial,

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pipeline import interrupts
 from pipeline.config import Config
 from pipeline.errors import PipelineError, first_line
 
@@ -319,6 +320,7 @@ def run_scope(cfg: Config, run_id: str | None = None, tags: dict | None = None) 
     run_id = active.info.run_id
     try:
         yield run_id
+        interrupts.raise_if_interrupted()  # a Ctrl-C that Python dropped: the run ends KILLED, not FINISHED
     except KeyboardInterrupt:
         mlflow.set_tag("error", "interrupted")
         mlflow.end_run("KILLED")

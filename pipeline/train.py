@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import interrupts
 from pipeline.config import OPTIMIZER_PARAMS, AugmentConfig, CallbacksConfig, Config, OptimizerConfig
 from pipeline.errors import PipelineError
 from pipeline.preprocess import Prepared
@@ -317,6 +318,18 @@ def _keras_classes():
             if self.best is not before:
                 self.best_epoch = epoch + 1
 
+    class RaiseIfInterrupted(keras.callbacks.Callback):
+        """Raises, before the next training or validation step, a Ctrl-C whose KeyboardInterrupt Python dropped.
+
+        The batch-begin hooks run in the training loop's thread; Keras dispatches batch-end ones to a thread pool.
+        """
+
+        def on_train_batch_begin(self, batch, logs=None):
+            interrupts.raise_if_interrupted()
+
+        def on_test_batch_begin(self, batch, logs=None):
+            interrupts.raise_if_interrupted()
+
     class BackupState(keras.callbacks.Callback):
         """Puts back the callbacks' state when fit begins; after every epoch, writes the training's state to a Backup.
 
@@ -368,7 +381,8 @@ def _keras_classes():
             self.backup.save(epoch + 1, state, arrays, files)
 
     return SimpleNamespace(ScaledSchedule=ScaledSchedule, ReduceLROnPlateau=ReduceLROnPlateau,
-                           BestCheckpoint=BestCheckpoint, BackupState=BackupState)
+                           BestCheckpoint=BestCheckpoint, BackupState=BackupState,
+                           RaiseIfInterrupted=RaiseIfInterrupted)
 
 
 def _state_names(callback) -> tuple[str, ...]:
@@ -681,7 +695,7 @@ def _fit(cfg: Config, data: Prepared, on_epoch, verbose: int, backup: Backup | N
     _fit_under_strategy(network, train_ds.element_spec, placement.strategy)
     recorder = epoch_callback()
     recorder.rows = [dict(row) for row in state["rows"]]
-    callbacks = [recorder, *build_callbacks(cfg.callbacks, scaled)]
+    callbacks = [_keras_classes().RaiseIfInterrupted(), recorder, *build_callbacks(cfg.callbacks, scaled)]
     stopper = next((cb for cb in callbacks if isinstance(cb, keras.callbacks.EarlyStopping)), None)
     # every worker's own best-epoch checkpoint (Keras writes it on each): in scratch, deleted when fit ends
     with tempfile.TemporaryDirectory(prefix="pipeline-checkpoint-") as scratch:

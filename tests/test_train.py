@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 
+from pipeline import interrupts
 from pipeline.config import Config, ConfigError, PreprocessConfig, apply_overrides, validate
 from pipeline.errors import PipelineError
 from pipeline.evaluate import predict_probs
@@ -36,6 +37,7 @@ from pipeline.train import (
     train_model,
 )
 from tests.conftest import TINY_PARAMS, merge
+from tests.test_interrupts import drop_interrupt
 
 CLASSES = 3
 
@@ -351,6 +353,19 @@ def interrupt_after(epoch: int):
         if row["epoch"] == epoch:
             raise Interrupt
     return on_epoch
+
+
+def test_a_ctrl_c_python_dropped_stops_the_training_before_its_next_step(data, monkeypatch):
+    monkeypatch.setattr(interrupts, "_interrupted", False)
+    reported = []
+
+    def on_epoch(row):
+        reported.append(row["epoch"])
+        drop_interrupt()
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(config("train.epochs=3"), data, on_epoch=on_epoch, verbose=0)
+    assert reported == [1]
 
 
 RESUMES = {

@@ -1,0 +1,48 @@
+"""Ctrl-C and SIGTERM that are never lost.
+
+Python runs a signal's handler wherever the main thread happens to be, and the KeyboardInterrupt it raises there
+is dropped when that place is a weakref callback or a `__del__` that the garbage collector runs (Python prints
+"Exception ignored" and carries on). SQLAlchemy's and TensorFlow's weakref callbacks run all through a stage: of
+30 Ctrl-Cs sent to `pipeline train` 4-9 s after it started (2-core AMD EPYC), 4 landed in one and left the training
+running. So `handle_interrupt` also remembers the signal, and `raise_if_interrupted` raises it again where the
+pipeline checks: before every training and validation step, before a run ends FINISHED, in the sweep's loop and
+when a command returns (then 0 of 54 were lost).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+_interrupted = False
+
+
+def handle_interrupt(signum, frame) -> None:
+    """The handler for SIGINT and SIGTERM: remember the signal, raise KeyboardInterrupt."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def install() -> None:
+    """Handle SIGTERM, and SIGINT unless it is ignored (a shell's background job keeps ignoring it)."""
+    signal.signal(signal.SIGTERM, handle_interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, handle_interrupt)
+    sys.unraisablehook = _quiet_dropped_interrupt
+
+
+def _quiet_dropped_interrupt(unraisable) -> None:
+    """Python's report of a dropped exception, except the KeyboardInterrupt that raise_if_interrupted raises again."""
+    if not (_interrupted and issubclass(unraisable.exc_type, KeyboardInterrupt)):
+        sys.__unraisablehook__(unraisable)
+
+
+def interrupted() -> bool:
+    return _interrupted
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if a signal came, also one whose KeyboardInterrupt Python dropped."""
+    if _interrupted:
+        raise KeyboardInterrupt
