@@ -10,6 +10,7 @@ import copy
 import io
 import json
 import math
+import sys
 
 import keras
 import numpy as np
@@ -357,6 +358,7 @@ def interrupt_after(epoch: int):
 
 def test_a_ctrl_c_python_dropped_stops_the_training_before_its_next_step(data, monkeypatch):
     monkeypatch.setattr(interrupts, "_interrupted", False)
+    monkeypatch.setattr(sys, "unraisablehook", interrupts._quiet_dropped_interrupt)  # as `pipeline` installs it
     reported = []
 
     def on_epoch(row):
