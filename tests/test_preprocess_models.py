@@ -38,6 +38,24 @@ def test_split_is_stratified_and_seeded():
     assert a.stats["counts"] == {"train": 80, "val": 20, "test": 12, "unlabeled": 5}
 
 
+@pytest.mark.parametrize("image_size, channels", [(None, "source"), ((12, 10), "source"), ((12, 10), "rgb"),
+                                                  ((57, 57), "source")])
+def test_split_images_are_scikit_learns_split_of_the_images_in_its_order(image_size, channels):
+    """The stage resizes train and val through the split's indices (no copy of the images first): they are
+    the images scikit-learn's train_test_split gives, in its order, each resized on its own. The sizes take
+    each way through `to_pixels`: none, NumPy's resize, gray to RGB, the saved model's layers (57x57)."""
+    from sklearn.model_selection import train_test_split
+
+    raw = raw_dataset(n=90, shape=(28, 28, 1), classes=3)
+    cfg = PreprocessConfig(image_size=image_size, channels=channels, val_fraction=0.3)
+    prepared = preprocess(raw, cfg, seed=4)
+    train_x, val_x, train_y, val_y = train_test_split(raw.train_x, raw.train_y, test_size=0.3, stratify=raw.train_y,
+                                                      random_state=4)
+    assert np.array_equal(prepared.train_y, train_y) and np.array_equal(prepared.val_y, val_y)
+    for ours, images in ((prepared.train_x, train_x), (prepared.val_x, val_x)):
+        assert np.array_equal(ours, np.concatenate([to_pixels(image[None], prepared.input_shape) for image in images]))
+
+
 def test_resize_channels_and_standardize_stats(monkeypatch):
     monkeypatch.setattr("pipeline.preprocess.HISTOGRAM_CHUNK", 97)  # the histograms add up over many chunks
     raw = raw_dataset(shape=(8, 8, 1))
