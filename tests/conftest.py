@@ -98,12 +98,22 @@ def make_project(repo: Path) -> Path:
     return repo
 
 
+@pytest.fixture(scope="session")
+def project_template(tmp_path_factory) -> Path:
+    """make_project once per test process: its git and dvc commands take 1.7 s, a copy of the result 0.015 s."""
+    return make_project(tmp_path_factory.mktemp("template") / "repo")
+
+
 @pytest.fixture
-def project(tmp_path, monkeypatch) -> Path:
-    """make_project in this test's tmp_path, with no tracking URI or run id inherited from the environment."""
+def project(tmp_path, monkeypatch, project_template) -> Path:
+    """A copy of make_project's repo in this test's tmp_path, with no tracking URI or run id inherited from the
+    environment. DVC's .dvc/tmp is left out: DVC makes its own there (its `btime` marks the repo as new)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    return make_project(tmp_path / "repo")
+    repo = tmp_path / "repo"
+    shutil.copytree(project_template, repo, symlinks=True,
+                    ignore=lambda folder, names: ["tmp"] if Path(folder).name == ".dvc" else [])
+    return repo
 
 
 def set_params(repo: Path, extra: dict) -> None:
