@@ -7,6 +7,11 @@ is dropped when that place is a weakref callback or a `__del__` that the garbage
 that wrote its stack showed where) and left the training running. So `handle_interrupt` also remembers the signal,
 and `raise_if_interrupted` raises it again where the pipeline checks: before every training and validation step,
 before a run ends FINISHED, in the sweep's loop and when a command returns (0 of 24 lost, sent 4-14 s after start).
+
+A signal that comes while the main thread is inside a database call (SQLAlchemy, MLflow's store) is only
+remembered, and raised at the next check. A KeyboardInterrupt raised there can leave a SQLite read cursor alive
+in its traceback, holding the database's shared lock, so that ending the run KILLED then waits out SQLite's busy
+timeout and fails "database is locked" (CI saw it once; a loop of interrupted `log_batch` calls, 1 of 30).
 """
 
 from __future__ import annotations
@@ -16,12 +21,25 @@ import sys
 
 _interrupted = False
 
+# Code that a KeyboardInterrupt must not cut short: its connections and cursors outlive the exception.
+_DEFERRING_MODULES = ("sqlalchemy.", "mlflow.store.")
+
 
 def handle_interrupt(signum, frame) -> None:
-    """The handler for SIGINT and SIGTERM: remember the signal, raise KeyboardInterrupt."""
+    """The handler for SIGINT and SIGTERM: remember the signal, raise KeyboardInterrupt (or leave it to the next
+    check when `frame` is inside a database call)."""
     global _interrupted
     _interrupted = True
-    raise KeyboardInterrupt
+    if not _in_database_call(frame):
+        raise KeyboardInterrupt
+
+
+def _in_database_call(frame) -> bool:
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(_DEFERRING_MODULES):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def install() -> None:

@@ -9,6 +9,7 @@ import weakref
 import pytest
 
 from pipeline import interrupts
+from tests.conftest import client
 
 
 def drop_interrupt(send=lambda: interrupts.handle_interrupt(signal.SIGINT, None)) -> None:
@@ -53,3 +54,40 @@ def test_an_ignored_sigint_stays_ignored(monkeypatch):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_a_ctrl_c_inside_a_database_call_waits_for_it_and_the_run_still_ends_killed(project, monkeypatch):
+    import sqlalchemy
+
+    from pipeline import tracking
+    from pipeline.config import load_config
+
+    monkeypatch.chdir(project)
+    monkeypatch.setattr(interrupts, "_interrupted", False)
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    cfg = load_config(project / "params.yaml")
+    store = client(project)
+    sent = []
+
+    def ctrl_c_inside_the_insert(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("INSERT INTO METRICS") and not sent:
+            sent.append(statement)
+            signal.raise_signal(signal.SIGINT)  # its handler runs here, with SQLAlchemy's frames below
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", ctrl_c_inside_the_insert)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupts.install()
+        with pytest.raises(KeyboardInterrupt):
+            with tracking.run_scope(cfg) as run_id:
+                tracking.log_epoch(run_id, 1, {"epoch": 1, "loss": 0.5})  # not cut short by the Ctrl-C inside it
+                assert sent and interrupts.interrupted()
+                interrupts.raise_if_interrupted()  # the next check raises it
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", ctrl_c_inside_the_insert)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    ended = store.get_run(run_id)
+    assert ended.info.status == "KILLED" and ended.data.tags["error"] == "interrupted"
+    assert [(m.step, m.value) for m in store.get_metric_history(run_id, "loss")] == [(1, 0.5)]
