@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import keras
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.fetch import load_raw
 from tests.conftest import client, run, set_params
@@ -114,3 +116,34 @@ def test_mlflow_run_rejects_a_bad_param_in_one_line_and_fails_the_run(project):
     assert "Traceback" not in done.stderr
     _, runs = only_run(project)
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def locked_raw(repo: Path) -> dict:
+    """data/raw as dvc.lock records it (its md5, size, file count)."""
+    (out,) = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["fetch"]["outs"]
+    return out
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="/usr/share/datasets/fashion-mnist missing (apt-get install dataset-fashion-mnist)")
+def test_dvc_repro_leaves_an_up_to_date_data_raw_as_it_is_and_rewrites_a_damaged_one(project):
+    set_params(project, {"data": {"source": "fashion_mnist", "dir": "/usr/share/datasets/fashion-mnist"}})
+    run(["git", "commit", "-qam", "fashion-mnist"], project)
+    raw = project / "data" / "raw"
+    first = run(["dvc", "repro", "fetch"], project)
+    assert "(unchanged)" not in first.stdout
+    written = {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in raw.iterdir()}
+    locked = locked_raw(project)
+
+    again = run(["dvc", "repro", "fetch"], project)  # fetch always runs: its sources are outside the repo
+    assert "Running stage 'fetch'" in again.stdout and "-> data/raw (unchanged)" in again.stdout
+    assert {path.name: (path.stat().st_mtime_ns, path.read_bytes()) for path in raw.iterdir()} == written
+    assert locked_raw(project) == locked
+
+    damaged = bytearray(written["train.npz"][1])
+    damaged[-100] ^= 1  # a pixel of the last training image
+    (raw / "train.npz").write_bytes(damaged)
+    healed = run(["dvc", "repro", "fetch"], project)
+    assert "(unchanged)" not in healed.stdout
+    assert {path.name: path.read_bytes() for path in raw.iterdir()} == {name: data for name, (_, data) in written.items()}
+    assert locked_raw(project) == locked  # DVC hashed it to what it recorded first

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import json
 import pickle
 import shutil
 import tarfile
@@ -986,3 +987,84 @@ def test_digest_uses_content_hash_over_gzip_hash():
     assert dataset_digest(regzipped) == dataset_digest(manifest)
     assert dataset_digest(other_content) != dataset_digest(manifest)
     assert dataset_digest({**manifest, "image_shape": [28, 28, 3]}) != dataset_digest(manifest)
+
+
+# an up-to-date output, checked without decompressing (the fetch stage then leaves it as it is)
+
+
+def trust_fashion_files(monkeypatch, directory: Path) -> None:
+    """Make the fashion_mnist table expect the content of the .gz files in `directory` (tests only)."""
+    spec = fetch.IDX_SOURCES["fashion_mnist"]
+    content = {stem: hashlib.sha256(gzip.decompress((directory / f"{stem}.gz").read_bytes())).hexdigest()
+               for stem in spec.content_sha256}
+    monkeypatch.setitem(fetch.IDX_SOURCES, "fashion_mnist", dataclasses.replace(spec, content_sha256=content))
+
+
+def no_gunzip(raw, path):
+    raise AssertionError(f"{path} decompressed")
+
+
+def test_an_up_to_date_output_is_recognised_without_decompressing(tmp_path, monkeypatch):
+    write_small_fashion_files(tmp_path / "src")
+    trust_fashion_files(monkeypatch, tmp_path / "src")
+    cfg, out = fashion_config(tmp_path / "src"), tmp_path / "raw"
+    assert fetch.up_to_date(cfg, out) is None  # nothing there yet
+    dataset = fetch_dataset(cfg)
+    fetch.save_raw(dataset, out)
+    monkeypatch.setattr(fetch, "_gunzip", no_gunzip)
+    assert fetch.up_to_date(cfg, out) == dataset.manifest
+
+
+def test_an_up_to_date_mnist_output_is_recognised_by_its_gz_md5(tmp_path, monkeypatch):
+    write_small_idx_files(tmp_path / "mnist")
+    trust_files(monkeypatch, tmp_path / "mnist")
+    cfg, out = DataConfig(source="mnist", dir=str(tmp_path / "mnist"), download=False), tmp_path / "raw"
+    dataset = fetch_dataset(cfg)
+    fetch.save_raw(dataset, out)
+    monkeypatch.setattr(fetch, "_gunzip", no_gunzip)
+    assert fetch.up_to_date(cfg, out) == dataset.manifest
+    raw = fetch.load_raw(out)
+    fetch.save_arrays(out / fetch.TEST_FILE, x=raw.test_x, y=raw.test_y[::-1].copy())  # the labels swapped
+    assert fetch.up_to_date(cfg, out) is None
+
+
+def change_pixel(src: Path, out: Path) -> None:
+    raw = fetch.load_raw(out)
+    raw.train_x[0, 0, 0, 0] ^= 1
+    fetch.save_arrays(out / fetch.TRAIN_FILE, x=raw.train_x, y=raw.train_y)
+
+
+def regzip(src: Path, out: Path) -> None:
+    path = src / "t10k-images-idx3-ubyte.gz"
+    content = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(content, compresslevel=1, mtime=1))
+    assert gzip.decompress(path.read_bytes()) == content
+
+
+def change_manifest(src: Path, out: Path, **changes) -> None:
+    manifest = json.loads((out / fetch.MANIFEST_FILE).read_text())
+    manifest["files"][0].update(changes)
+    (out / fetch.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("change", [
+    regzip,  # the same content, gzipped otherwise: a full fetch records the new file's sha256
+    lambda src, out: (src / "train-labels-idx1-ubyte.gz").unlink(),
+    change_pixel,
+    lambda src, out: (out / fetch.TEST_FILE).unlink(),
+    lambda src, out: (out / fetch.UNLABELED_FILE).write_bytes(b""),
+    lambda src, out: (out / fetch.TRAIN_FILE).write_bytes((out / fetch.TRAIN_FILE).read_bytes()[:-7]),
+    lambda src, out: (out / fetch.TRAIN_FILE).write_bytes((out / fetch.TRAIN_FILE).read_bytes() + b"\0"),
+    lambda src, out: (out / fetch.MANIFEST_FILE).write_text("{"),
+    lambda src, out: change_manifest(src, out, url="https://example.com/train-images-idx3-ubyte.gz"),  # downloaded
+    lambda src, out: change_manifest(src, out, content_sha256="0" * 64),
+], ids=["regzipped source", "missing source", "changed pixel", "missing test.npz", "extra file", "truncated npz", "npz with trailing bytes",
+        "bad manifest", "manifest of a download", "manifest of other content"])
+def test_an_output_that_fetch_would_not_write_so_is_not_up_to_date(tmp_path, monkeypatch, change):
+    write_small_fashion_files(tmp_path / "src")
+    trust_fashion_files(monkeypatch, tmp_path / "src")
+    cfg, out = fashion_config(tmp_path / "src"), tmp_path / "raw"
+    fetch.save_raw(fetch_dataset(cfg), out)
+    change(tmp_path / "src", out)
+    assert fetch.up_to_date(cfg, out) is None
+    assert fetch.up_to_date(DataConfig(source="mnist", dir=str(tmp_path / "src"), download=False), out) is None
