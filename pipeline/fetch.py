@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # pandas (1.5 s to import) only for CSV sources: the fetch st
 
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
-from pipeline.files import atomic_path, load_arrays, read_json, save_arrays, sha256_file, write_json
+from pipeline.files import atomic_path, load_arrays, read_json, save_arrays, sha256_file, write_json, write_npz
 
 logger = logging.getLogger(__name__)
 
@@ -275,18 +275,7 @@ def _verified_idx(spec: IdxSource, stem: str, magic: int, cfg: DataConfig) -> tu
     name = f"{stem}.gz"
     path, url = _locate(spec, name, cfg)
     raw = path.read_bytes()
-    record = {"name": name, "path": str(path), **({"url": url} if url else {})}
-    record.update(sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw))
-    if stem in spec.gz_md5:
-        actual = hashlib.md5(raw, usedforsecurity=False).hexdigest()
-        expected = spec.gz_md5[stem]
-        if actual != expected:
-            raise PipelineError(
-                f"{path}: md5 of the .gz file is {actual}, expected {expected}; the file is corrupt, "
-                "re-compressed or not the official one: delete or replace it"
-            )
-        logger.info("verified %s (md5 %s)", path, actual)
-        record.update(verified_by="gz_md5", md5=actual)
+    record = _gz_record(spec, stem, path, raw, url)
     content = _gunzip(raw, path)
     content_sha256 = hashlib.sha256(content).hexdigest()
     if stem in spec.content_sha256:
@@ -300,6 +289,24 @@ def _verified_idx(spec: IdxSource, stem: str, magic: int, cfg: DataConfig) -> tu
         record["verified_by"] = "content_sha256"
     record["content_sha256"] = content_sha256
     return parse_idx(content, name, magic), record
+
+
+def _gz_record(spec: IdxSource, stem: str, path: Path, raw: bytes, url: str | None = None) -> dict:
+    """The manifest's record of `stem`'s .gz file `raw`, less its content hash; a file known by its md5
+    is checked here (PipelineError), before anything decompresses it."""
+    record = {"name": f"{stem}.gz", "path": str(path), **({"url": url} if url else {}),
+              "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
+    if stem in spec.gz_md5:
+        actual = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+        expected = spec.gz_md5[stem]
+        if actual != expected:
+            raise PipelineError(
+                f"{path}: md5 of the .gz file is {actual}, expected {expected}; the file is corrupt, "
+                "re-compressed or not the official one: delete or replace it"
+            )
+        logger.info("verified %s (md5 %s)", path, actual)
+        record.update(verified_by="gz_md5", md5=actual)
+    return record
 
 
 def _locate(spec: IdxSource | ArchiveSource, name: str, cfg: DataConfig) -> tuple[Path, str | None]:
@@ -373,7 +380,7 @@ def up_to_date(cfg: DataConfig, out_dir: str | os.PathLike) -> dict | None:
     try:
         if spec is None or sorted(p.name for p in out_dir.iterdir()) != sorted([MANIFEST_FILE, TRAIN_FILE, TEST_FILE]):
             return None
-        manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+        manifest = read_json(out_dir / MANIFEST_FILE)
         recorded = {record.get("role"): record for record in manifest["files"]}
         files, counts, shapes = [], {}, {}
         for split, (images_stem, labels_stem) in IDX_SPLITS.items():
@@ -386,7 +393,7 @@ def up_to_date(cfg: DataConfig, out_dir: str | os.PathLike) -> dict | None:
                     or labels.shape != images.shape[:1] or not np.array_equal(labels, labels.astype(np.uint8))):
                 return None
             written = io.BytesIO()
-            np.savez(written, x=images, y=labels)  # as save_arrays writes them (no timestamps: the same bytes)
+            write_npz(written, x=images, y=labels)
             if written.getvalue() != data:
                 return None
             for role, stem, array, magic in ((f"{split}_images", images_stem, images[..., 0], IDX_IMAGES_MAGIC),
@@ -411,21 +418,16 @@ def up_to_date(cfg: DataConfig, out_dir: str | os.PathLike) -> dict | None:
 
 def _unchanged_file(spec: IdxSource, stem: str, cfg: DataConfig, recorded: dict) -> dict | None:
     """The record fetch would write for `stem`'s .gz file, found where fetch would look, without
-    decompressing it: None when it is missing, fails its md5, or is not the file `recorded` names."""
-    name = f"{stem}.gz"
-    path = _on_disk(spec, name, cfg)
+    decompressing it: None when it is missing or is not the file `recorded` names (PipelineError when
+    it fails its md5)."""
+    path = _on_disk(spec, f"{stem}.gz", cfg)
     if path is None:
         return None
-    raw = path.read_bytes()
-    record = {"name": name, "path": str(path), "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
+    record = _gz_record(spec, stem, path, path.read_bytes())
     if record["sha256"] != recorded.get("sha256"):
         return None
-    if stem in spec.gz_md5:
-        md5 = hashlib.md5(raw, usedforsecurity=False).hexdigest()
-        if md5 != spec.gz_md5[stem]:
-            return None
-        # the content of this very .gz, hashed when it was decompressed and written
-        return {**record, "verified_by": "gz_md5", "md5": md5, "content_sha256": recorded.get("content_sha256")}
+    if stem in spec.gz_md5:  # the content of this very .gz, hashed when it was decompressed and written
+        return {**record, "content_sha256": recorded.get("content_sha256")}
     return {**record, "verified_by": "content_sha256", "content_sha256": spec.content_sha256[stem]}
 
 

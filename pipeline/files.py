@@ -51,7 +51,13 @@ def save_arrays(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """Write arrays as an uncompressed .npz (uint8 images are already compact)."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+            write_npz(fh, **arrays)
+
+
+def write_npz(fh, **arrays: np.ndarray) -> None:
+    """The .npz that save_arrays writes, into an open binary file. Its zip entries carry no timestamps, so
+    the same arrays always give the same bytes (fetch.up_to_date compares them)."""
+    np.savez(fh, **arrays)
 
 
 def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
