@@ -112,8 +112,9 @@ def run_bench(params: str, quick: bool = False, main_job: bool = True, epochs: i
         prepared.train_x, prepared.train_y = prepared.train_x[: sizes.train_images], prepared.train_y[: sizes.train_images]
     figures: list[Figure] = []
     target, target_text = ratio_target(cpu["flags"])
-    for name in sizes.models:
-        figures += training_figures(params, sizes, name, prepared, target, target_text, quick, echo)
+    with NotebookFits(params, sizes, prepared) as notebook:
+        for name in sizes.models:
+            figures += training_figures(params, sizes, name, prepared, target, target_text, quick, echo, notebook)
     figures += tracking_figures(params, sizes, prepared, quick, echo)
     figures.append(preprocess_figure(raw, base, sizes, quick, echo))
     if main_job:
@@ -125,35 +126,19 @@ def _config(params: str, sizes: Sizes, *extra: str) -> Config:
     return load_config(params, [*sizes.overrides, *TRAIN_SETUP, *extra])
 
 
-def training_figures(params, sizes, model_name, data, target, target_text, quick, echo) -> list[Figure]:
-    """Our train_model against the notebooks' model.fit on float32 arrays, same model, seed and epochs."""
-    import keras
-
+def training_figures(params, sizes, model_name, data, target, target_text, quick, echo, notebook) -> list[Figure]:
+    """Our train_model against the notebooks' model.fit on float32 arrays, same model, seed and epochs;
+    `notebook`: the NotebookFits process that runs model.fit."""
     from pipeline.evaluate import predict_probs
-    from pipeline.models import build_model
-    from pipeline.train import build_optimizer, seed_everything, train_model
+    from pipeline.train import train_model
 
     cfg = _config(params, sizes, f"model.name={model_name}", f"train.epochs={sizes.epochs}")
     n = len(data.train_x)
-    classes = len(data.class_names)
-    x = data.train_x.astype("float32") / 255.0  # the notebooks' x / 255 (our default normalisation, scale01)
-    y = keras.utils.to_categorical(data.train_y, classes)
-    val = (data.val_x.astype("float32") / 255.0, keras.utils.to_categorical(data.val_y, classes))
     baseline_runs, ours_runs = [], []
     for attempt in range(TRAIN_REPEATS):  # alternated; the fastest of each kept (one fit varied up to 2x)
         echo(f"bench: training {model_name}, {sizes.epochs} epochs on {n} images: model.fit on float32 arrays "
              f"({attempt + 1}/{TRAIN_REPEATS}) ...")
-        seed_everything(cfg.seed, cfg.train.deterministic)
-        network = build_model(cfg.model, data.input_shape, classes)
-        network.compile(build_optimizer(cfg.optimizer), "categorical_crossentropy", metrics=["accuracy"])
-        epoch_times = _EpochTimer()
-        start = time.perf_counter()
-        network.fit(x, y, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, validation_data=val,
-                    callbacks=[epoch_times.callback()], verbose=0)
-        wall = time.perf_counter() - start
-        accuracy = _accuracy(network.predict(data.test_x.astype("float32") / 255.0, verbose=0), data.test_y)
-        baseline_runs.append((wall, epoch_times.seconds, accuracy))
-        del network
+        baseline_runs.append(notebook.fit(model_name))
         echo(f"bench: training {model_name}: the train stage's fit ({attempt + 1}/{TRAIN_REPEATS}) ...")
         result = train_model(cfg, data, verbose=0)
         accuracy = _accuracy(predict_probs(result.network, data.test_x, data.stats), data.test_y)
@@ -166,20 +151,131 @@ def training_figures(params, sizes, model_name, data, target, target_text, quick
     baseline_walls, ours_walls = (", ".join(f"{run[0]:.1f}" for run in runs) for runs in (baseline_runs, ours_runs))
     note = (f"{precision}; test accuracy {ours_accuracy:.4f} (ours) vs {baseline_accuracy:.4f} "
             f"(float32 model.fit); the fastest of {TRAIN_REPEATS} fits each (ours {ours_walls} s, "
-            f"model.fit {baseline_walls} s)")
+            f"model.fit {baseline_walls} s); TensorFlow's oneDNN kernels: {notebook.kernels()}")
     gap = abs(ours_accuracy - baseline_accuracy) * 100
     accuracy_ok = None if quick or precision == "float32" else gap <= 0.3
+    baseline_name = "model.fit on float32 NumPy arrays, one-hot labels, in a process with TensorFlow's defaults"
     return [
         Figure(f"training {model_name}: whole fit, {sizes.epochs} epochs", ours_wall, baseline_wall, "s",
-               speedup, target_text, None if quick else speedup >= target,
-               "model.fit on float32 NumPy arrays, one-hot labels", note),
+               speedup, target_text, None if quick else speedup >= target, baseline_name, note),
         Figure(f"training {model_name}: steady-state", ours_steady, baseline_steady, "img/s",
                ours_steady / baseline_steady, target_text, None if quick else ours_steady / baseline_steady >= target,
-               "model.fit on float32 NumPy arrays, one-hot labels", "epochs 2.. of the fastest fits"),
+               baseline_name, "epochs 2.. of the fastest fits"),
         Figure(f"training {model_name}: test accuracy", ours_accuracy * 100, baseline_accuracy * 100, "%",
                ours_accuracy / baseline_accuracy, "within 0.3 points of fp32 (bf16 only)", accuracy_ok,
                "float32 model.fit", f"ours in {precision}"),
     ]
+
+
+class NotebookFits:
+    """The baseline of the training figures, `model.fit` as a notebook calls it, in a Python process of its own
+    started with the user's environment as it was before `pipeline` set anything (hardware.prefer_onednn): a
+    notebook runs TensorFlow's default kernels for this CPU, which the `pipeline` command may not. One process
+    for all the fits, asked for each in turn, so that they alternate with ours; the first fit in either
+    process pays the one-time costs alike."""
+
+    def __init__(self, params: str, sizes: Sizes, data):
+        from pipeline import hardware
+        from pipeline.preprocess import save_prepared
+
+        self._folder = tempfile.TemporaryDirectory(prefix="pipeline-bench-notebook-")
+        folder = Path(self._folder.name)
+        save_prepared(data, folder / "prepared")
+        (folder / "spec.json").write_text(json.dumps({"params": str(params), "sizes": asdict(sizes),
+                                                     "data": str(folder / "prepared")}))
+        env = hardware.tensorflow_default_env()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                         env.get("PYTHONPATH")]))
+        self._stderr = open(folder / "stderr.txt", "w+")
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "from pipeline.bench import serve_notebook_fits; serve_notebook_fits()",
+             str(folder / "spec.json")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+            text=True, env=env)
+        self._onednn = None
+
+    def fit(self, model_name: str) -> tuple[float, list[float], float]:
+        """(wall seconds, each epoch's seconds, test accuracy) of one notebook-style fit of `model_name`."""
+        try:
+            self._process.stdin.write(model_name + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            pass  # it has ended: said below
+        for line in self._process.stdout:
+            if line.startswith(NOTEBOOK_REPLY):
+                reply = json.loads(line[len(NOTEBOOK_REPLY):])
+                self._onednn = reply["onednn"]
+                return reply["wall"], reply["epoch_seconds"], reply["accuracy"]
+        self._process.wait()
+        self._stderr.seek(0)
+        last = ([line for line in self._stderr.read().splitlines() if line.strip()] or ["(nothing on stderr)"])[-1]
+        raise PipelineError(f"bench: the model.fit process ended (exit {self._process.returncode}) before "
+                            f"fitting {model_name}: {last}")
+
+    def kernels(self) -> str:
+        from pipeline.hardware import onednn_enabled
+
+        def said(on):
+            return {True: "on", False: "off", None: "unknown"}[on]
+
+        return f"{said(onednn_enabled())} in ours, {said(self._onednn)} in model.fit's process"
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._stderr.close()
+        self._folder.cleanup()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+NOTEBOOK_REPLY = "notebook-fit: "
+
+
+def serve_notebook_fits() -> None:
+    """NotebookFits' process: one model name a line on stdin, one reply line on stdout for each."""
+    from pipeline.hardware import onednn_enabled
+    from pipeline.preprocess import load_prepared
+
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    sizes = Sizes(**{**spec["sizes"], "models": tuple(spec["sizes"]["models"])})
+    data = load_prepared(spec["data"])
+    for line in sys.stdin:
+        wall, epoch_seconds, accuracy = notebook_fit(_config(spec["params"], sizes, f"model.name={line.strip()}",
+                                                             f"train.epochs={sizes.epochs}"), data)
+        print(NOTEBOOK_REPLY + json.dumps({"wall": wall, "epoch_seconds": epoch_seconds, "accuracy": accuracy,
+                                           "onednn": onednn_enabled()}), flush=True)
+
+
+def notebook_fit(cfg: Config, data) -> tuple[float, list[float], float]:
+    """The notebooks' way: the same Keras model, `model.fit` on float32 arrays of x / 255 and one-hot labels."""
+    import keras
+
+    from pipeline.models import build_model
+    from pipeline.train import build_optimizer, seed_everything
+
+    classes = len(data.class_names)
+    x = data.train_x.astype("float32") / 255.0  # the notebooks' x / 255 (our default normalisation, scale01)
+    y = keras.utils.to_categorical(data.train_y, classes)
+    val = (data.val_x.astype("float32") / 255.0, keras.utils.to_categorical(data.val_y, classes))
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    network = build_model(cfg.model, data.input_shape, classes)
+    network.compile(build_optimizer(cfg.optimizer), "categorical_crossentropy", metrics=["accuracy"])
+    epoch_times = _EpochTimer()
+    start = time.perf_counter()
+    network.fit(x, y, batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, validation_data=val,
+                callbacks=[epoch_times.callback()], verbose=0)
+    wall = time.perf_counter() - start
+    accuracy = _accuracy(network.predict(data.test_x.astype("float32") / 255.0, verbose=0), data.test_y)
+    return wall, epoch_times.seconds, accuracy
 
 
 class _EpochTimer:

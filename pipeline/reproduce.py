@@ -334,7 +334,7 @@ def same(a: float, b: float) -> bool:
 
 
 def environment_differences(first: dict[str, str], second: dict[str, str]) -> list[str]:
-    keys = sorted(k for k in first.keys() | second.keys() if k == "device" or k.startswith("versions."))
+    keys = sorted(k for k in first.keys() | second.keys() if k in ("device", "tensorflow.onednn") or k.startswith("versions."))
     return [f"{k}: {first.get(k, '-')} != {second.get(k, '-')}" for k in keys if first.get(k) != second.get(k)]
 
 

@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import hardware
+
+hardware.prefer_onednn()  # as the `pipeline` command does before TensorFlow loads: the tests run its kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: `pipeline`, `dvc`, `mlflow`
 PROJECT_FILES = ["pipeline", "dvc.yaml", "params.yaml", "MLproject", "conda.yaml", "pyproject.toml", ".gitignore"]
@@ -68,9 +72,11 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None, timeout: int = 600):
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None, timeout: int = 600,
+        unset: tuple[str, ...] = ()):
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
-    full_env.pop("MLFLOW_RUN_ID", None)
+    for name in ("MLFLOW_RUN_ID", *unset):
+        full_env.pop(name, None)
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=full_env, timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError(f"{cmd} exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}")

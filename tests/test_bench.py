@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import re
 
 import pytest
@@ -32,6 +33,10 @@ def test_quick_bench_measures_every_figure_against_its_baseline(project):
     (predict,) = [f["note"] for f in report["figures"] if f["figure"].startswith("predict")]
     assert re.search(r"tracked \d+\.\d, \d+\.\d s, untracked \d+\.\d, \d+\.\d s", tracking), tracking
     assert re.search(r"ours (\d+\.\d, ){2}\d+\.\d s, model.predict (\d+\.\d, ){2}\d+\.\d s", predict), predict
+    # ours in the `pipeline` process, model.fit in one with the user's environment: TensorFlow's own default
+    (fit,) = [f["note"] for f in report["figures"] if f["figure"].startswith("training cnn: whole fit")]
+    ours = "on" if platform.machine() in ("x86_64", "AMD64") else "(on|off)"
+    assert re.search(rf"TensorFlow's oneDNN kernels: {ours} in ours, (on|off) in model.fit's process$", fit), fit
     machine = report["machine"]
     assert machine["mode"] == "quick" and machine["cpu.model"] and machine["precision"] in (
         "float32", "mixed_bfloat16", "mixed_float16")
