@@ -1,7 +1,10 @@
 """`pipeline bench`: every speed figure of the project against its named baseline, measured in one run here.
 
 Ratios are only comparable within one run on one machine, so each figure's
-baseline runs in the same process (or from it), right beside ours. Steady-state
+baseline runs in the same run, right beside ours: in the same process, except
+the training figures' model.fit, which runs in a process of its own with the
+user's environment as it was (TensorFlow's default kernels for this CPU, which
+the `pipeline` command may change: hardware.prefer_onednn). Steady-state
 throughputs leave out the first epoch (graph tracing). `--quick` runs the same
 code on tiny sizes in about a minute, so the benchmark cannot rot unnoticed.
 

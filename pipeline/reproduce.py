@@ -176,12 +176,26 @@ def raw_digest(raw: Path) -> str:
     return dataset_digest(read_json(raw / "manifest.json"))
 
 
+def kernels_env(onednn: str | None, environ=os.environ) -> dict[str, str]:
+    """`environ` for a rerun whose original ran TensorFlow's CPU kernels as its tag tensorflow.onednn says:
+    on (oneDNN's) or off (Eigen's) forced so; a run without the tag predates it and ran TensorFlow's default
+    for its CPU (hardware.prefer_onednn came after), so the rerun gets that default too."""
+    from pipeline import hardware
+
+    env = hardware.tensorflow_default_env(environ)
+    if onednn in ("on", "off"):
+        env[hardware.ONEDNN_VARIABLE] = "1" if onednn == "on" else "0"
+    return env
+
+
 class Rerun:
     """Runs the checked-out commit's own commands in its worktree, with this venv's python."""
 
-    def __init__(self, src: Path, params: Path, tracking_uri: str, echo: Callable[[str], None]):
+    def __init__(self, src: Path, params: Path, tracking_uri: str, echo: Callable[[str], None],
+                 onednn: str | None = None):
+        """onednn: the original's tag tensorflow.onednn; TensorFlow's CPU kernels are chosen as they were."""
         self.src, self.params, self.echo = src, params, echo
-        self.env = {**os.environ, "PYTHONPATH": str(src), "MLFLOW_TRACKING_URI": tracking_uri}
+        self.env = {**kernels_env(onednn), "PYTHONPATH": str(src), "MLFLOW_TRACKING_URI": tracking_uri}
         self.env.pop("MLFLOW_RUN_ID", None)
 
     def call(self, args: list[str], run_id: str | None = None) -> subprocess.CompletedProcess:
@@ -254,7 +268,7 @@ def reproduce(run_id: str, tracking_uri: str, cwd: Path, *, allow_dirty: bool = 
         lock = download_optional(client, run_id, "provenance/dvc.lock", folder / "original")
         echo(f"reproduce: run {run_id} at commit {original.commit[:12]}, config from {config_source}")
         with worktree(repo, original.commit, folder / "src") as src:
-            rerun = Rerun(src, params, uri, echo)
+            rerun = Rerun(src, params, uri, echo, onednn=original.tags.get("tensorflow.onednn"))
             raw = get_data(rerun, original, lock, folder)
             prepared, train_dir, evaluation = folder / "prepared", folder / "train", folder / "evaluate"
             rerun.stage("preprocess", "--raw", str(raw), "--out", str(prepared))
@@ -334,7 +348,8 @@ def same(a: float, b: float) -> bool:
 
 
 def environment_differences(first: dict[str, str], second: dict[str, str]) -> list[str]:
-    keys = sorted(k for k in first.keys() | second.keys() if k in ("device", "tensorflow.onednn") or k.startswith("versions."))
+    keys = sorted(k for k in first.keys() | second.keys()
+                  if k in ("device", "tensorflow.onednn") or k.startswith("versions."))
     return [f"{k}: {first.get(k, '-')} != {second.get(k, '-')}" for k in keys if first.get(k) != second.get(k)]
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline import hardware
 from pipeline.errors import PipelineError
 from pipeline.config import absolute_uri
-from pipeline.reproduce import compare, config_of, format_comparison, judge, param_value, reproduce
+from pipeline.reproduce import compare, config_of, format_comparison, judge, kernels_env, param_value, reproduce
 from tests.conftest import BIN, ROOT, make_project, run, stop_group
 
 
@@ -46,6 +47,20 @@ def test_verdict_names_the_largest_difference_and_the_tolerance():
     assert reason == "largest difference 0.003 (val_loss at epoch 2); tolerance 0.01"
 
 
+OURS = {hardware.ONEDNN_VARIABLE: "1", hardware.ONEDNN_SET_BY: "1"}  # as the `pipeline` command sets them
+
+
+@pytest.mark.parametrize("tag, environ, expected", [
+    ("on", {}, "1"), ("on", {hardware.ONEDNN_VARIABLE: "0"}, "1"), ("off", OURS, "0"),
+    (None, OURS, None),  # a run older than the tag ran TensorFlow's default for its CPU
+    ("unknown", OURS, None), (None, {hardware.ONEDNN_VARIABLE: "0"}, "0"),  # a user's own setting stays
+])
+def test_the_rerun_runs_tensorflows_cpu_kernels_as_the_original_did(tag, environ, expected):
+    env = kernels_env(tag, {"PATH": "/bin", **environ})
+    assert env.get(hardware.ONEDNN_VARIABLE) == expected and env["PATH"] == "/bin"
+    assert hardware.ONEDNN_SET_BY not in env  # the rerun's own `pipeline` keeps what it is given
+
+
 def test_relative_store_uris_are_made_absolute_for_the_worktree(tmp_path):
     assert absolute_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert absolute_uri(f"sqlite:///{tmp_path}/a.db", Path("/elsewhere")) == f"sqlite:///{tmp_path}/a.db"
@@ -65,9 +80,10 @@ def test_comparison_of_two_logged_runs_names_what_differs_between_them(tmp_path)
     store = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment_id = store.create_experiment("tests")
     ids = []
-    for device, numpy, drift in [("cpu:A", "2.1.0", 0.0), ("cpu:B", "2.2.0", 0.004)]:
+    for device, numpy, onednn, drift in [("cpu:A", "2.1.0", "off", 0.0), ("cpu:B", "2.2.0", "on", 0.004)]:
         run_id = store.create_run(experiment_id, tags={"device": device, "versions.numpy": numpy,
-                                                       "versions.keras": "3.15.0"}).info.run_id
+                                                       "versions.keras": "3.15.0", "tensorflow.onednn": onednn,
+                                                       "cpu.cores": "2"}).info.run_id
         store.log_batch(run_id, metrics=[Metric(key, value + drift, 0, step) for step in (1, 2)
                                          for key, value in [("loss", 1.0 / step), ("val_accuracy", 0.5 * step)]])
         store.log_metric(run_id, "test_accuracy", 0.9)
@@ -78,10 +94,12 @@ def test_comparison_of_two_logged_runs_names_what_differs_between_them(tmp_path)
     assert comparison.verdict == "within tolerance" and comparison.exit_code == 3
     assert [row[:2] for row in comparison.rows] == [("1", "loss"), ("1", "val_accuracy"), ("2", "loss"),
                                                     ("2", "val_accuracy"), ("final", "test_accuracy")]
-    assert comparison.environment == ["device: cpu:A != cpu:B", "versions.numpy: 2.1.0 != 2.2.0"]
+    assert comparison.environment == ["device: cpu:A != cpu:B", "tensorflow.onednn: off != on",
+                                      "versions.numpy: 2.1.0 != 2.2.0"]
     text = format_comparison(comparison)
     assert "verdict: within tolerance (largest difference 0.004 (loss at epoch 1); tolerance 0.01)" in text
-    assert "the runs differ in: device: cpu:A != cpu:B; versions.numpy: 2.1.0 != 2.2.0" in text
+    assert ("the runs differ in: device: cpu:A != cpu:B; tensorflow.onednn: off != on; "
+            "versions.numpy: 2.1.0 != 2.2.0") in text
     assert compare(store, *ids, tolerance=0.001).exit_code == 4
     assert compare(store, ids[0], ids[0], tolerance=0.0).exit_code == 0
 
