@@ -215,12 +215,9 @@ class NotebookFits:
                             f"fitting {model_name}: {last}")
 
     def kernels(self) -> str:
-        from pipeline.hardware import onednn_enabled
+        from pipeline.hardware import onednn_state
 
-        def said(on):
-            return {True: "on", False: "off", None: "unknown"}[on]
-
-        return f"{said(onednn_enabled())} in ours, {said(self._onednn)} in model.fit's process"
+        return f"{onednn_state()} in ours, {self._onednn or 'unknown'} in model.fit's process"
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -245,7 +242,7 @@ NOTEBOOK_REPLY = "notebook-fit: "
 
 def serve_notebook_fits() -> None:
     """NotebookFits' process: one model name a line on stdin, one reply line on stdout for each."""
-    from pipeline.hardware import onednn_enabled
+    from pipeline.hardware import onednn_state
     from pipeline.preprocess import load_prepared
 
     spec = json.loads(Path(sys.argv[1]).read_text())
@@ -255,7 +252,7 @@ def serve_notebook_fits() -> None:
         wall, epoch_seconds, accuracy = notebook_fit(_config(spec["params"], sizes, f"model.name={line.strip()}",
                                                              f"train.epochs={sizes.epochs}"), data)
         print(NOTEBOOK_REPLY + json.dumps({"wall": wall, "epoch_seconds": epoch_seconds, "accuracy": accuracy,
-                                           "onednn": onednn_enabled()}), flush=True)
+                                           "onednn": onednn_state()}), flush=True)
 
 
 def notebook_fit(cfg: Config, data) -> tuple[float, list[float], float]:

@@ -61,13 +61,14 @@ def prefer_onednn(environ=os.environ) -> None:
         environ[ONEDNN_SET_BY] = "1"  # inherited: subprocesses (dvc's stages, a sweep's trials) know it too
 
 
-def onednn_enabled() -> bool | None:
-    """Whether this process' TensorFlow runs its CPU ops through oneDNN (None: TensorFlow does not say)."""
+def onednn_state() -> str:
+    """'on' where this process' TensorFlow runs its CPU ops through oneDNN, 'off' where through Eigen,
+    'unknown' where TensorFlow does not say (the tag tensorflow.onednn)."""
     try:
         from tensorflow.python.util import _pywrap_util_port
     except ImportError:
-        return None
-    return bool(_pywrap_util_port.IsMklEnabled())
+        return "unknown"
+    return "on" if _pywrap_util_port.IsMklEnabled() else "off"
 
 
 def tensorflow_default_env(environ=os.environ) -> dict[str, str]:

@@ -46,4 +46,4 @@ def test_this_process_runs_what_it_asked_for():  # conftest called prefer_onednn
     expected = os.environ.get(hardware.ONEDNN_VARIABLE)
     if expected is None:
         pytest.skip("not an x86-64 CPU: TensorFlow's own default applies")
-    assert hardware.onednn_enabled() is (expected.lower() in ("1", "true"))
+    assert hardware.onednn_state() == ("on" if expected.lower() in ("1", "true") else "off")
