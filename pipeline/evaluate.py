@@ -400,10 +400,11 @@ __all__ = ["classification_metrics", "confusion_matrix_plot", "dvc_plot_data", "
 def predict_probs(network, x: np.ndarray, stats: dict, batch_size: int = 1024) -> np.ndarray:
     """The network's probabilities on preprocessed uint8 images, normalised per batch as in training; in batches
     of one size where the count allows (`even_batches`: 10,000 and 12,000 images take 1,000 a batch)."""
-    from pipeline.train import even_batches, make_dataset
+    from pipeline.train import even_batches, interrupt_checks, make_dataset
 
     size, _ = even_batches(len(x), batch_size)
-    return np.asarray(network.predict(make_dataset(x, None, stats, size, shuffle=False), verbose=0))
+    batches = make_dataset(x, None, stats, size, shuffle=False)
+    return np.asarray(network.predict(batches, verbose=0, callbacks=interrupt_checks()))
 
 
 def main(cfg, data_dir, train_dir, metrics_path, plots_dir, figures_dir) -> dict:

@@ -5,8 +5,9 @@ is dropped when that place is a weakref callback or a `__del__` that the garbage
 "Exception ignored" and carries on). SQLAlchemy's and TensorFlow's weakref callbacks run all through a stage: of
 30 Ctrl-Cs sent to `pipeline train` 4-9 s after it started (2-core AMD EPYC), 4 were handled inside one (a handler
 that wrote its stack showed where) and left the training running. So `handle_interrupt` also remembers the signal,
-and `raise_if_interrupted` raises it again where the pipeline checks: before every training and validation step,
-before a run ends FINISHED, in the sweep's loop and when a command returns (0 of 24 lost, sent 4-14 s after start).
+and `raise_if_interrupted` raises it again where the pipeline checks: before every training, validation and
+prediction step, before a run ends FINISHED, in the sweep's loop and when a command returns (0 of 24 lost, sent
+4-14 s after start).
 
 A signal that comes while the main thread is inside a database call (SQLAlchemy, MLflow's store) is only
 remembered, and raised at the next check. A KeyboardInterrupt raised there can leave a SQLite read cursor alive

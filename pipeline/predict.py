@@ -17,9 +17,10 @@ def predict_labels(model, images: np.ndarray, batch_size: int = BATCH) -> np.nda
     """Class indices for raw uint8 images (the model does its own preprocessing)."""
     if len(images) == 0:
         return np.zeros((0,), dtype="int64")
-    from pipeline.train import image_batches
+    from pipeline.train import image_batches, interrupt_checks
 
-    probs = model.predict(image_batches(images, batch_size), verbose=0)[: len(images)]  # less the padding
+    probs = model.predict(image_batches(images, batch_size), verbose=0, callbacks=interrupt_checks())
+    probs = probs[: len(images)]  # less the padding
     return np.asarray(probs).argmax(axis=1).astype("int64")
 
 

@@ -265,6 +265,12 @@ def build_optimizer(cfg: OptimizerConfig, learning_rate=None):
     return getattr(keras.optimizers, OPTIMIZERS[cfg.name])(rate, **own, **clipping)
 
 
+def interrupt_checks() -> list:
+    """Callbacks for `predict` on a long input: a Ctrl-C that Python dropped, or that came during a database
+    call, is raised before the next batch rather than when the whole prediction ends."""
+    return [_keras_classes().RaiseIfInterrupted()]
+
+
 @functools.cache
 def _keras_classes():
     """Keras subclasses, defined on first use so that importing this module does not import Keras."""
@@ -319,15 +325,19 @@ def _keras_classes():
                 self.best_epoch = epoch + 1
 
     class RaiseIfInterrupted(keras.callbacks.Callback):
-        """Raises, before the next training or validation step, a Ctrl-C whose KeyboardInterrupt Python dropped.
+        """Raises, before the next training, validation or prediction step, a Ctrl-C that was only remembered
+        (one that came during a database call) or whose KeyboardInterrupt Python dropped.
 
-        The batch-begin hooks run in the training loop's thread; Keras dispatches batch-end ones to a thread pool.
+        The batch-begin hooks run in the loop's thread; Keras dispatches batch-end ones to a thread pool.
         """
 
         def on_train_batch_begin(self, batch, logs=None):
             interrupts.raise_if_interrupted()
 
         def on_test_batch_begin(self, batch, logs=None):
+            interrupts.raise_if_interrupted()
+
+        def on_predict_batch_begin(self, batch, logs=None):
             interrupts.raise_if_interrupted()
 
     class BackupState(keras.callbacks.Callback):

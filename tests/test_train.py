@@ -547,6 +547,22 @@ def test_predict_labels_in_padded_batches_equal_the_model_on_each_image(data):
     assert model.predict_function.experimental_get_tracing_count() == 1
 
 
+def test_a_remembered_ctrl_c_stops_the_predict_and_evaluate_stages_before_their_next_batch(data, monkeypatch):
+    """A Ctrl-C that came inside a database call (or that Python dropped) is raised before the next predict
+    batch, not after the whole input: the predict stage's raw-pixel model and the evaluate stage's network."""
+    from pipeline.predict import predict_labels
+
+    network = train_model(config(), data, verbose=0).network
+    model = raw_input_model(network, data.stats)
+    images = np.concatenate([data.train_x, data.val_x])
+    assert len(predict_labels(model, images, batch_size=16)) == len(images)  # no Ctrl-C: every batch
+    monkeypatch.setattr(interrupts, "_interrupted", True)
+    with pytest.raises(KeyboardInterrupt):
+        predict_labels(model, images, batch_size=16)
+    with pytest.raises(KeyboardInterrupt):
+        predict_probs(network, data.val_x, data.stats)
+
+
 def test_logging_the_model_prints_no_progress_bar_and_leaves_keras_logging_on(tmp_path, capfd):
     # MLflow checks the input example by predicting it through the logged model, with Keras' default verbosity.
     import mlflow
