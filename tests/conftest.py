@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,23 @@ TINY_PARAMS = {
     "callbacks": {"early_stopping": {"enabled": False}, "reduce_lr": {"enabled": False}},
     "mlflow": {"experiment_name": "tests"},
 }
+
+
+tempfile.gettempdir()  # this process keeps the system's temporary folder (PostgreSQL's account must reach it)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_temp_folder(tmp_path_factory):
+    """The commands the tests start make their temporary files in a folder of pytest's, which pytest prunes after
+    a few sessions: a process that a test kills (SIGKILL) leaves its TemporaryDirectory and TensorFlow's autograph
+    files behind, and `mlflow models serve` its copy of the model."""
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("TMPDIR"))
+    yield
+    if previous is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous
 
 
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")

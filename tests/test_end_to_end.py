@@ -27,7 +27,7 @@ def only_run(repo, experiment="tests"):
     return store, runs
 
 
-def test_dvc_repro_end_to_end_then_only_later_stages_rerun(project, monkeypatch):
+def test_dvc_repro_end_to_end_then_only_later_stages_rerun(project, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")  # for runs:/ URIs below
     # as a user's shell has it: the `pipeline` command itself chooses TensorFlow's kernels (oneDNN's on x86-64)
     first = run(["dvc", "repro"], project, unset=(hardware.ONEDNN_VARIABLE, hardware.ONEDNN_SET_BY))
@@ -68,7 +68,7 @@ def test_dvc_repro_end_to_end_then_only_later_stages_rerun(project, monkeypatch)
 
     # The logged model takes raw pixels and agrees with the Keras model the stage saved.
     raw = load_raw(project / "data/raw")
-    pyfunc = mlflow.pyfunc.load_model(f"runs:/{r.info.run_id}/model")
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{r.info.run_id}/model", dst_path=str(tmp_path))  # not /tmp
     keras_model = keras.models.load_model(project / "data/train/model.keras")
     expected = keras_model.predict(raw.test_x, verbose=0).argmax(1)
     assert np.array_equal(np.asarray(pyfunc.predict(raw.test_x)).argmax(1), expected)

@@ -64,7 +64,8 @@ def wait_until_up(proc: subprocess.Popen, port: int, log) -> None:
     raise AssertionError(f"the server did not answer /ping within {START_SECONDS} s:\n{log.read_text()}")
 
 
-def test_registered_champion_is_served_and_answers_like_the_model_in_process(project, monkeypatch, capsys):
+def test_registered_champion_is_served_and_answers_like_the_model_in_process(project, monkeypatch, capsys,
+                                                                              tmp_path):
     import mlflow.pyfunc
 
     uri = f"sqlite:///{project / 'mlflow.db'}"
@@ -94,7 +95,8 @@ def test_registered_champion_is_served_and_answers_like_the_model_in_process(pro
         images = load_raw(project / "data" / "raw").test_x[:32]  # raw uint8, (32, 8, 8, 1)
         # while the server starts: the same registered model in this process
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        expected = np.asarray(mlflow.pyfunc.load_model("models:/digits@champion").predict(images))
+        champion = mlflow.pyfunc.load_model("models:/digits@champion", dst_path=str(tmp_path))  # not in /tmp
+        expected = np.asarray(champion.predict(images))
         wait_until_up(proc, port, log)
         url = f"http://127.0.0.1:{port}/invocations"
         good = json.dumps({"inputs": images.tolist()}).encode()
