@@ -27,6 +27,7 @@ BF16_SPEEDUP_NEEDED = 1.15  # the probe's bf16/fp32 speed ratio from which `auto
 CACHE = Path("~/.cache/image-pipeline/precision.json")
 ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
 ONEDNN_SET_BY = "PIPELINE_SET_TF_ENABLE_ONEDNN_OPTS"  # "1": prefer_onednn set it, here or in a parent process
+ONEDNN_TAG = "tensorflow.onednn"  # the run tag: onednn_state() of the process that trained
 
 
 def cpu_info() -> dict[str, object]:

@@ -33,6 +33,7 @@ import yaml
 
 from pipeline.config import absolute_uri
 from pipeline.errors import PipelineError
+from pipeline.hardware import ONEDNN_TAG
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 FINAL_METRICS = ("final_val_loss", "final_val_accuracy", "test_loss", "test_accuracy")
@@ -268,7 +269,7 @@ def reproduce(run_id: str, tracking_uri: str, cwd: Path, *, allow_dirty: bool = 
         lock = download_optional(client, run_id, "provenance/dvc.lock", folder / "original")
         echo(f"reproduce: run {run_id} at commit {original.commit[:12]}, config from {config_source}")
         with worktree(repo, original.commit, folder / "src") as src:
-            rerun = Rerun(src, params, uri, echo, onednn=original.tags.get("tensorflow.onednn"))
+            rerun = Rerun(src, params, uri, echo, onednn=original.tags.get(ONEDNN_TAG))
             raw = get_data(rerun, original, lock, folder)
             prepared, train_dir, evaluation = folder / "prepared", folder / "train", folder / "evaluate"
             rerun.stage("preprocess", "--raw", str(raw), "--out", str(prepared))
@@ -349,7 +350,7 @@ def same(a: float, b: float) -> bool:
 
 def environment_differences(first: dict[str, str], second: dict[str, str]) -> list[str]:
     keys = sorted(k for k in first.keys() | second.keys()
-                  if k in ("device", "tensorflow.onednn") or k.startswith("versions."))
+                  if k in ("device", ONEDNN_TAG) or k.startswith("versions."))
     return [f"{k}: {first.get(k, '-')} != {second.get(k, '-')}" for k in keys if first.get(k) != second.get(k)]
 
 

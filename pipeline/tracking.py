@@ -263,7 +263,7 @@ def environment_tags(device: str | None = None) -> dict[str, str]:
 
     from importlib.metadata import PackageNotFoundError, version
 
-    from pipeline.hardware import cpu_info, onednn_state
+    from pipeline.hardware import ONEDNN_TAG, cpu_info, onednn_state
 
     gpus = tf.config.list_physical_devices("GPU")
     cpu = cpu_info()
@@ -284,7 +284,7 @@ def environment_tags(device: str | None = None) -> dict[str, str]:
         "cpu.flags": " ".join(cpu["flags"]),  # those that decide speed: AVX2, AVX-512, BF16, AMX
         "cpu.cores": str(cpu["cores"]),
         # TensorFlow's CPU kernels: oneDNN's or Eigen's (pipeline.hardware.prefer_onednn); their sums round apart
-        "tensorflow.onednn": onednn_state(),
+        ONEDNN_TAG: onednn_state(),
     }
 
 

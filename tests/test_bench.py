@@ -6,9 +6,12 @@ import json
 import math
 import platform
 import re
+import tempfile
 
+import numpy as np
 import pytest
 
+from pipeline.errors import PipelineError
 from tests.conftest import BIN, ROOT, run
 
 
@@ -64,3 +67,26 @@ def test_recipe_bench_fits_both_recipes_alternately_and_prints_their_ratio(tmp_p
               check=False)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: override 'model.nope=1': unknown key 'model.nope'")
+
+
+def notebook_data():
+    from pipeline.config import PreprocessConfig
+    from pipeline.fetch import RawDataset
+    from pipeline.preprocess import preprocess
+
+    rng = np.random.default_rng(0)
+    raw = RawDataset(class_names=["a", "b"], train_x=rng.integers(0, 256, (20, 8, 8, 1), dtype="uint8"),
+                     train_y=np.arange(20) % 2, test_x=np.zeros((4, 8, 8, 1), "uint8"), test_y=np.zeros(4, "int64"))
+    return preprocess(raw, PreprocessConfig(), seed=0)
+
+
+def test_a_model_fit_process_that_ends_is_one_error_naming_its_last_line_and_leaves_no_folder(tmp_path, monkeypatch):
+    from pipeline.bench import QUICK, NotebookFits
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its folder goes
+    with pytest.raises(PipelineError, match=r"^bench: the model.fit process ended \(exit 1\) before fitting cnn: "
+                                            r".*nope\.yaml"):
+        with NotebookFits(str(tmp_path / "nope.yaml"), QUICK, notebook_data()) as fits:
+            fits.fit("cnn")  # its process reads the params file for each fit: there is none
+    assert list(tmp_path.iterdir()) == []
+

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import hardware
 
-OURS = {hardware.ONEDNN_VARIABLE: "1", hardware.ONEDNN_SET_BY: "1"}
+OURS = {hardware.ONEDNN_VARIABLE: "1", hardware.ONEDNN_SET_BY: "1"}  # as the `pipeline` command sets them
 
 
 @pytest.mark.parametrize("machine", ["x86_64", "AMD64"])

@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.config import absolute_uri
 from pipeline.reproduce import compare, config_of, format_comparison, judge, kernels_env, param_value, reproduce
 from tests.conftest import BIN, ROOT, make_project, run, stop_group
+from tests.test_hardware import OURS
 
 
 # --- plain functions -------------------------------------------------------------------------------------------
@@ -46,8 +47,6 @@ def test_verdict_names_the_largest_difference_and_the_tolerance():
     assert verdict == "within tolerance"
     assert reason == "largest difference 0.003 (val_loss at epoch 2); tolerance 0.01"
 
-
-OURS = {hardware.ONEDNN_VARIABLE: "1", hardware.ONEDNN_SET_BY: "1"}  # as the `pipeline` command sets them
 
 
 @pytest.mark.parametrize("tag, environ, expected", [
