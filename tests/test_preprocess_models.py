@@ -125,6 +125,28 @@ def test_resize_threads_give_the_same_pixels():
         assert np.array_equal(_resize(x, (12, 10), offset, chunk=64, workers=workers), alone)
 
 
+def test_resize_chunks_fit_the_working_set_and_give_the_same_pixels_as_one_chunk():
+    """Larger images take fewer per chunk (the chunk's float32 arrays stay within RESIZE_WORKING_SET), and a
+    resize in its default chunks gives the pixels of one chunk and the exact values."""
+    from pipeline.preprocess import RESIZE_WORKING_SET, _resize, resize_chunk, rounding_shift
+
+    def working_set(raw_shape, size, chunk):
+        (h, w, c), (oh, ow) = raw_shape, size
+        return 4 * c * chunk * ((h + oh) * (w + 1) + oh * ow)
+
+    assert resize_chunk((28, 28, 1), (48, 48)) == 116 and resize_chunk((32, 32, 3), (224, 224)) == 2
+    assert resize_chunk((8, 8, 1), (4, 4)) == 256 and resize_chunk((256, 256, 3), (1024, 1024)) == 1  # the bounds
+    for raw_shape, size in [((28, 28, 1), (48, 48)), ((32, 32, 3), (64, 64)), ((32, 32, 3), (224, 224))]:
+        chunk = resize_chunk(raw_shape, size)
+        assert working_set(raw_shape, size, chunk) <= RESIZE_WORKING_SET < working_set(raw_shape, size, chunk + 1)
+    x = np.random.default_rng(6).integers(0, 256, (50, 8, 8, 3), dtype="uint8")
+    offset = np.float32(0.5 + rounding_shift((8, 8, 3), (150, 120, 3)))
+    assert resize_chunk((8, 8, 3), (150, 120)) < 10
+    ours = _resize(x, (150, 120), offset, workers=2)
+    assert np.array_equal(ours, _resize(x, (150, 120), offset, chunk=50, workers=1))
+    assert np.array_equal(ours, exact_resize(x, (150, 120)))
+
+
 def test_resize_thread_errors_reach_the_caller():
     """An error inside a worker thread is raised by the resize, not lost with the thread."""
     from pipeline.preprocess import _resize
