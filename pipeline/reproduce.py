@@ -31,9 +31,9 @@ from typing import Callable, Iterator
 
 import yaml
 
+from pipeline import hardware
 from pipeline.config import absolute_uri
 from pipeline.errors import PipelineError
-from pipeline.hardware import ONEDNN_TAG
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 FINAL_METRICS = ("final_val_loss", "final_val_accuracy", "test_loss", "test_accuracy")
@@ -181,8 +181,6 @@ def kernels_env(onednn: str | None, environ=os.environ) -> dict[str, str]:
     """`environ` for a rerun whose original ran TensorFlow's CPU kernels as its tag tensorflow.onednn says:
     on (oneDNN's) or off (Eigen's) forced so; a run without the tag predates it and ran TensorFlow's default
     for its CPU (hardware.prefer_onednn came after), so the rerun gets that default too."""
-    from pipeline import hardware
-
     env = hardware.tensorflow_default_env(environ)
     if onednn in ("on", "off"):
         env[hardware.ONEDNN_VARIABLE] = "1" if onednn == "on" else "0"
@@ -269,7 +267,7 @@ def reproduce(run_id: str, tracking_uri: str, cwd: Path, *, allow_dirty: bool = 
         lock = download_optional(client, run_id, "provenance/dvc.lock", folder / "original")
         echo(f"reproduce: run {run_id} at commit {original.commit[:12]}, config from {config_source}")
         with worktree(repo, original.commit, folder / "src") as src:
-            rerun = Rerun(src, params, uri, echo, onednn=original.tags.get(ONEDNN_TAG))
+            rerun = Rerun(src, params, uri, echo, onednn=original.tags.get(hardware.ONEDNN_TAG))
             raw = get_data(rerun, original, lock, folder)
             prepared, train_dir, evaluation = folder / "prepared", folder / "train", folder / "evaluate"
             rerun.stage("preprocess", "--raw", str(raw), "--out", str(prepared))
@@ -350,7 +348,7 @@ def same(a: float, b: float) -> bool:
 
 def environment_differences(first: dict[str, str], second: dict[str, str]) -> list[str]:
     keys = sorted(k for k in first.keys() | second.keys()
-                  if k in ("device", ONEDNN_TAG) or k.startswith("versions."))
+                  if k in ("device", hardware.ONEDNN_TAG) or k.startswith("versions."))
     return [f"{k}: {first.get(k, '-')} != {second.get(k, '-')}" for k in keys if first.get(k) != second.get(k)]
 
 

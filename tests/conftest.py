@@ -41,13 +41,9 @@ def subprocess_temp_folder(tmp_path_factory):
     """The commands the tests start make their temporary files in a folder of pytest's, which pytest prunes after
     a few sessions: a process that a test kills (SIGKILL) leaves its TemporaryDirectory and TensorFlow's autograph
     files behind, and `mlflow models serve` its copy of the model."""
-    previous = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("TMPDIR"))
-    yield
-    if previous is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("TMPDIR")))
+        yield
 
 
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")

@@ -89,4 +89,3 @@ def test_a_model_fit_process_that_ends_is_one_error_naming_its_last_line_and_lea
         with NotebookFits(str(tmp_path / "nope.yaml"), QUICK, notebook_data()) as fits:
             fits.fit("cnn")  # its process reads the params file for each fit: there is none
     assert list(tmp_path.iterdir()) == []
-

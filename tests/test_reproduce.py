@@ -48,7 +48,6 @@ def test_verdict_names_the_largest_difference_and_the_tolerance():
     assert reason == "largest difference 0.003 (val_loss at epoch 2); tolerance 0.01"
 
 
-
 @pytest.mark.parametrize("tag, environ, expected", [
     ("on", {}, "1"), ("on", {hardware.ONEDNN_VARIABLE: "0"}, "1"), ("off", OURS, "0"),
     (None, OURS, None),  # a run older than the tag ran TensorFlow's default for its CPU
