@@ -43,3 +43,23 @@ def test_backend_check_compares_a_saved_model_and_fits_the_recipe(tmp_path):
         assert row["test_accuracy"] > 0.8, row  # digits, 3 epochs of the default recipe
     assert "recipe" in done.stdout and "presets that failed" not in done.stdout
 
+
+
+def test_recipe_search_fits_each_candidate_and_counts_its_multiply_adds(tmp_path):
+    """scripts/recipe-search.py's trial, in this process: the candidate's overrides and seed are what trains,
+    its multiply-adds are counted by hand, and a bad candidate is a row with its error, not a crash."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe_search", ROOT / "scripts/recipe-search.py")
+    search = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search)
+    search._init(str(ROOT / "params.yaml"), ["data.source=digits", "preprocess.image_size=[16,16]"])
+
+    row = search._trial("model.filters=[[8],[16]] model.dense=[32] train.epochs=2", 7)
+    # conv1 16x16 outputs x 3x3x1x8, conv2 8x8 x 3x3x8x16, dense 4x4x16 -> 32, softmax 32 -> 10
+    assert row["multiply_adds_M"] == round((16 * 16 * 9 * 8 + 8 * 8 * 9 * 8 * 16 + 256 * 32 + 32 * 10) / 1e6, 2)
+    assert row["seed"] == 7 and len(row["epoch_s"]) == len(row["val_accuracy"]) == 2, row
+    assert 0.3 < row["test_accuracy"] <= 1.0, row  # 2 epochs of 10 classes: well above chance
+
+    bad = search._trial("model.filters=[[8],[16]] model.kernel_sizes=[3,3,3]", 7)
+    assert "kernel_sizes" in bad["error"] and "test_accuracy" not in bad, bad
