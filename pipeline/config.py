@@ -343,7 +343,8 @@ class ModelConfig(Section):
                     if isinstance(convs, tuple) and len(convs) != len(filters):
                         raise ValueError(
                             f"model.{key}'s block {b + 1} has {len(convs)} entries but model.filters' block "
-                            f"{b + 1} has {len(filters)} convs; expected one value for the block, or one per conv"
+                            f"{b + 1} has {len(filters)} conv{'s' if len(filters) != 1 else ''}; expected one value "
+                            "for the block, or one per conv"
                         )
         if min(self.dense, default=1) < 1:
             raise ValueError("model.dense: expected positive layer widths")
@@ -473,7 +474,7 @@ class OptimizerConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1)  # the global batch: batch_size / replicas on each replica (pipeline/distribute.py)
     label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)  # > 0: one-hot labels, CategoricalCrossentropy(label_smoothing)
     initial_model: Optional[str] = None  # a model.keras saved by the train stage: start from its network's weights

@@ -54,7 +54,7 @@ def prefer_onednn(environ=os.environ) -> None:
 
     TensorFlow turns oneDNN on by default only where the CPU has AVX512-VNNI, AVX512-BF16 or AMX; on an
     AVX2-only CPU it runs convolutions as Eigen's im2col with many small matrix products. There oneDNN's
-    own convolution kernels train notebook 003's CNN 1.5x faster and cnn_fast 1.2x (AMD EPYC Zen 3, 2 cores,
+    own convolution kernels train notebook 003's CNN 1.5x faster and cnn_fast 1.2-1.3x (AMD EPYC Zen 3, 2 cores,
     the train stage in float32). Where TensorFlow's default is already on this changes nothing; a value
     the user set, 0 included, is kept."""
     if ONEDNN_VARIABLE not in environ and platform.machine().lower() in ("x86_64", "amd64"):

@@ -37,7 +37,7 @@ REPORTED = [
 BY_HAND = [
     # ours, the default: conv 3x3 1->32 (320) + 3x3 32->32 (9,248) + 3x3 32->64 (18,496) + 3x3 64->64 (36,928)
     # + dense 7*7*64->256 (803,072) + 256->10 (2,570)
-    ("cnn_fast", FASHION, 10, 1_244_362),
+    ("cnn_fast", FASHION, 10, 824_458),
     ("keras_cifar10", CIFAR, 10, 1_250_858),
     ("nb001_model7", CIFAR, 10, 1_250_858),
     ("nb002_exp1", CIFAR, 10, 356_874),
@@ -181,7 +181,9 @@ def test_minimum_input_size_is_exactly_where_keras_stops(params, monkeypatch):
         ({"pool": "mean"}, "model.pool = 'mean' is not allowed; expected one of 'max' or 'average'"),
         ({"dropout": 1.5}, "model.dropout = 1.5: expected dropout rates from 0 (none) to below 1"),
         ({"conv_dropout": [[0.1, 0.2, 0.3], 0]}, "model.conv_dropout's block 1 has 3 entries but model.filters' block 1 "
-                                                 "has 2 convs"),
+                                                 "has 1 conv;"),
+        ({"filters": [[32, 32], [64]], "conv_dropout": [[0.1, 0.2, 0.3], 0]},
+         "model.conv_dropout's block 1 has 3 entries but model.filters' block 1 has 2 convs;"),
         ({"dropout": [0.1, 0.2, 0.3]}, "model.dropout has 3 entries but model.filters has 2 conv blocks"),
         ({"dense_l2": [0.1, 0.2]}, "model.dense_l2 has 2 entries but model.dense has 1 layers"),
         ({"batch_norm": "yes"}, "model.batch_norm = 'yes': expected true or false"),
