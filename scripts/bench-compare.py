@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import itertools
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 def log_runs(client, experiment_id: str, count: int) -> None:
     import random
 
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     from pipeline.config import load_config
 
