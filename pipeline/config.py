@@ -120,6 +120,11 @@ def architecture(name: str) -> Literal["cnn", "resnet"]:
     return "resnet" if name == "resnet" else "cnn"
 
 
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 conv', '2 convs'; `plural` where adding an s is wrong ('entry', 'entries')."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -325,8 +330,8 @@ class ModelConfig(Section):
                 raise ValueError("model.filters: expected non-empty lists of positive filter counts")
             if len(self.kernel_sizes) != len(self.filters):
                 raise ValueError(
-                    f"model.kernel_sizes has {len(self.kernel_sizes)} entries but model.filters has "
-                    f"{len(self.filters)} conv blocks; expected one kernel size per block"
+                    f"model.kernel_sizes has {_count(len(self.kernel_sizes), 'entry', 'entries')} but model.filters "
+                    f"has {_count(len(self.filters), 'conv block')}; expected one kernel size per block"
                 )
             if min(self.kernel_sizes) < 1:
                 raise ValueError("model.kernel_sizes: expected positive kernel sizes")
@@ -334,16 +339,16 @@ class ModelConfig(Section):
                 value = getattr(self, key)
                 if isinstance(value, tuple) and len(value) != len(self.filters):
                     raise ValueError(
-                        f"model.{key} has {len(value)} entries but model.filters has {len(self.filters)} conv "
-                        f"blocks; expected one value, or one per block"
+                        f"model.{key} has {_count(len(value), 'entry', 'entries')} but model.filters has "
+                        f"{_count(len(self.filters), 'conv block')}; expected one value, or one per block"
                     )
             for key in PER_CONV_KEYS:
                 blocks = getattr(self, key)
                 for b, (convs, filters) in enumerate(zip(blocks if isinstance(blocks, tuple) else (), self.filters)):
                     if isinstance(convs, tuple) and len(convs) != len(filters):
                         raise ValueError(
-                            f"model.{key}'s block {b + 1} has {len(convs)} entries but model.filters' block "
-                            f"{b + 1} has {len(filters)} conv{'s' if len(filters) != 1 else ''}; expected one value "
+                            f"model.{key}'s block {b + 1} has {_count(len(convs), 'entry', 'entries')} but "
+                            f"model.filters' block {b + 1} has {_count(len(filters), 'conv')}; expected one value "
                             "for the block, or one per conv"
                         )
         if min(self.dense, default=1) < 1:
@@ -352,8 +357,8 @@ class ModelConfig(Section):
             value = getattr(self, key)
             if isinstance(value, tuple) and len(value) != len(self.dense):
                 raise ValueError(
-                    f"model.{key} has {len(value)} entries but model.dense has {len(self.dense)} layers; "
-                    f"expected one value, or one per dense layer"
+                    f"model.{key} has {_count(len(value), 'entry', 'entries')} but model.dense has "
+                    f"{_count(len(self.dense), 'layer')}; expected one value, or one per dense layer"
                 )
         return self
 

@@ -44,7 +44,6 @@ def test_backend_check_compares_a_saved_model_and_fits_the_recipe(tmp_path):
     assert "recipe" in done.stdout and "presets that failed" not in done.stdout
 
 
-
 def test_recipe_search_fits_each_candidate_and_counts_its_multiply_adds(tmp_path):
     """scripts/recipe-search.py's trial, in this process: the candidate's overrides and seed are what trains,
     its multiply-adds are counted by hand, and a bad candidate is a row with its error, not a crash."""

@@ -45,7 +45,7 @@ def test_flat_has_dotted_keys():
         ({}, ["train.epochs=0"], "train.epochs = 0: Input should be greater than or equal to 1"),
         ({}, ["train.batch_size=abc"], "train.batch_size = 'abc': Input should be a valid integer"),
         ({}, ["preprocess.val_fraction=1.5"], "preprocess.val_fraction = 1.5: Input should be less than 1"),
-        ({}, ["model.kernel_sizes=[3]"], "model.kernel_sizes has 1 entries but model.filters has 2 conv blocks"),
+        ({}, ["model.kernel_sizes=[3]"], "model.kernel_sizes has 1 entry but model.filters has 2 conv blocks"),
         ({}, ["train.epochs"], "expected KEY=VALUE"),
         ({"seed": "x"}, [], "seed = 'x': Input should be a valid integer"),
     ],

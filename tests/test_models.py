@@ -35,8 +35,7 @@ REPORTED = [
 ]
 # Networks whose notebook shows no total: counted by hand from their layers (Keras's CIFAR-10 example: 1,250,858).
 BY_HAND = [
-    # ours, the default: conv 3x3 1->32 (320) + 3x3 32->32 (9,248) + 3x3 32->64 (18,496) + 3x3 64->64 (36,928)
-    # + dense 7*7*64->256 (803,072) + 256->10 (2,570)
+    # ours, the default: conv 3x3 1->32 (320) + 3x3 32->64 (18,496) + dense 7*7*64->256 (803,072) + 256->10 (2,570)
     ("cnn_fast", FASHION, 10, 824_458),
     ("keras_cifar10", CIFAR, 10, 1_250_858),
     ("nb001_model7", CIFAR, 10, 1_250_858),
@@ -185,7 +184,7 @@ def test_minimum_input_size_is_exactly_where_keras_stops(params, monkeypatch):
         ({"filters": [[32, 32], [64]], "conv_dropout": [[0.1, 0.2, 0.3], 0]},
          "model.conv_dropout's block 1 has 3 entries but model.filters' block 1 has 2 convs;"),
         ({"dropout": [0.1, 0.2, 0.3]}, "model.dropout has 3 entries but model.filters has 2 conv blocks"),
-        ({"dense_l2": [0.1, 0.2]}, "model.dense_l2 has 2 entries but model.dense has 1 layers"),
+        ({"dense_l2": [0.1, 0.2]}, "model.dense_l2 has 2 entries but model.dense has 1 layer;"),
         ({"batch_norm": "yes"}, "model.batch_norm = 'yes': expected true or false"),
         ({"l2": -1}, "model.l2 = -1: expected non-negative numbers"),
         ({"max_norm": -2}, "model.max_norm = -2: Input should be greater than or equal to 0"),
