@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import pandas as pd
 
-from pipeline.errors import PipelineError, first_line
+from pipeline.errors import PipelineError, count, first_line
 from pipeline.files import atomic_path
 from pipeline.tracking import minimised
 
@@ -321,7 +321,7 @@ def describe(table: pd.DataFrame, left_out: Sequence[Run], sort_by: str) -> str:
     lines = [f"{len(table)} runs, sorted by {sort_by} ({direction} first; runs without it last). "
              f"Params shown: those that differ between the runs ({', '.join(params) or 'none'})."]
     if left_out:
-        lines.append(f"Left out {len(left_out)} run{'s' if len(left_out) != 1 else ''} without training "
+        lines.append(f"Left out {count(len(left_out), 'run')} without training "
                      f"metrics: {_names(left_out)}.")
     return "\n\n".join(lines)
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, count
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -118,11 +118,6 @@ RESNET_KEYS = SHARED_MODEL_KEYS + ("resnet",)
 def architecture(name: str) -> Literal["cnn", "resnet"]:
     """The builder behind a model.name: every preset is `cnn` params except notebook 003's residual network."""
     return "resnet" if name == "resnet" else "cnn"
-
-
-def _count(n: int, noun: str, plural: str | None = None) -> str:
-    """'1 conv', '2 convs'; `plural` where adding an s is wrong ('entry', 'entries')."""
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def _is_number(value) -> bool:
@@ -330,8 +325,8 @@ class ModelConfig(Section):
                 raise ValueError("model.filters: expected non-empty lists of positive filter counts")
             if len(self.kernel_sizes) != len(self.filters):
                 raise ValueError(
-                    f"model.kernel_sizes has {_count(len(self.kernel_sizes), 'entry', 'entries')} but model.filters "
-                    f"has {_count(len(self.filters), 'conv block')}; expected one kernel size per block"
+                    f"model.kernel_sizes has {count(len(self.kernel_sizes), 'entry', 'entries')} but model.filters "
+                    f"has {count(len(self.filters), 'conv block')}; expected one kernel size per block"
                 )
             if min(self.kernel_sizes) < 1:
                 raise ValueError("model.kernel_sizes: expected positive kernel sizes")
@@ -339,16 +334,16 @@ class ModelConfig(Section):
                 value = getattr(self, key)
                 if isinstance(value, tuple) and len(value) != len(self.filters):
                     raise ValueError(
-                        f"model.{key} has {_count(len(value), 'entry', 'entries')} but model.filters has "
-                        f"{_count(len(self.filters), 'conv block')}; expected one value, or one per block"
+                        f"model.{key} has {count(len(value), 'entry', 'entries')} but model.filters has "
+                        f"{count(len(self.filters), 'conv block')}; expected one value, or one per block"
                     )
             for key in PER_CONV_KEYS:
                 blocks = getattr(self, key)
                 for b, (convs, filters) in enumerate(zip(blocks if isinstance(blocks, tuple) else (), self.filters)):
                     if isinstance(convs, tuple) and len(convs) != len(filters):
                         raise ValueError(
-                            f"model.{key}'s block {b + 1} has {_count(len(convs), 'entry', 'entries')} but "
-                            f"model.filters' block {b + 1} has {_count(len(filters), 'conv')}; expected one value "
+                            f"model.{key}'s block {b + 1} has {count(len(convs), 'entry', 'entries')} but "
+                            f"model.filters' block {b + 1} has {count(len(filters), 'conv')}; expected one value "
                             "for the block, or one per conv"
                         )
         if min(self.dense, default=1) < 1:
@@ -357,8 +352,8 @@ class ModelConfig(Section):
             value = getattr(self, key)
             if isinstance(value, tuple) and len(value) != len(self.dense):
                 raise ValueError(
-                    f"model.{key} has {_count(len(value), 'entry', 'entries')} but model.dense has "
-                    f"{_count(len(self.dense), 'layer')}; expected one value, or one per dense layer"
+                    f"model.{key} has {count(len(value), 'entry', 'entries')} but model.dense has "
+                    f"{count(len(self.dense), 'layer')}; expected one value, or one per dense layer"
                 )
         return self
 

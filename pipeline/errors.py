@@ -8,6 +8,11 @@ class PipelineError(Exception):
     """
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 run', '3 runs': the count and its noun for messages; `plural` where adding an s is wrong ('entries')."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def first_line(exc: BaseException | str) -> str:
     """The first line of an error's message (MLflow's `.message` when it has one), else its type's name."""
     text = exc if isinstance(exc, str) else (getattr(exc, "message", None) or str(exc))

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import confusion_matrix, log_loss
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, count
 from pipeline.files import atomic_path
 
 # Keras clips probabilities to [epsilon, 1 - epsilon] before taking the log
@@ -196,7 +196,7 @@ def history_plots(history: pd.DataFrame, out_dir) -> list[Path]:
         ax.set_ylabel(label)
         ax.set_title(label)
         ax.legend()
-    fig.suptitle(f"Training history ({len(epochs)} epoch{'s' if len(epochs) != 1 else ''})")
+    fig.suptitle(f"Training history ({count(len(epochs), 'epoch')})")
     written.append(_save_png(fig, out_dir / "history.png"))
     return written
 

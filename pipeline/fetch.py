@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pandas (1.5 s to import) only for CSV sources: the fetch st
     import pandas as pd
 
 from pipeline.config import DataConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, count
 from pipeline.files import atomic_path, load_arrays, read_json, save_arrays, sha256_file, write_json, write_npz
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def parse_idx(data: bytes, name: str, magic: int) -> np.ndarray:
         shown = "none (file shorter than 4 bytes)" if found is None else f"0x{found:08x}"
         raise PipelineError(
             f"{name}: IDX magic number {shown}, expected 0x{magic:08x} "
-            f"(uint8, {ndim} dimension{'s' if ndim > 1 else ''})"
+            f"(uint8, {count(ndim, 'dimension')})"
         )
     if len(data) < header_bytes:
         raise PipelineError(f"{name}: {len(data)} bytes, shorter than the {header_bytes}-byte header of this IDX file")

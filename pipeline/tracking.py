@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 
 from pipeline import interrupts
 from pipeline.config import Config
-from pipeline.errors import PipelineError, first_line
+from pipeline.errors import PipelineError, count, first_line
 
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds")
 
@@ -408,7 +408,7 @@ def run_description(cfg: Config, input_shape, precision: str) -> str:
         rate.append(f"{opt.schedule.warmup_epochs:g}-epoch warm-up")
     if cfg.callbacks.reduce_lr.enabled:
         rate.append(f"x{cfg.callbacks.reduce_lr.factor:g} on {cfg.callbacks.reduce_lr.monitor} plateau")
-    epochs = f"{cfg.train.epochs} epoch{'s' if cfg.train.epochs != 1 else ''}"
+    epochs = count(cfg.train.epochs, "epoch")
     if cfg.callbacks.early_stopping.enabled:
         epochs += ", early stopping"
     return (f"{cfg.model.name} · {', '.join(rate)} · batch {cfg.train.batch_size} · {epochs}\n"
