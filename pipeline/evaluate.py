@@ -409,7 +409,6 @@ def predict_probs(network, x: np.ndarray, stats: dict, batch_size: int = 1024) -
 
 def main(cfg, data_dir, train_dir, metrics_path, plots_dir, figures_dir) -> dict:
     """The stage: evaluate the trained network on val and test; write and log metrics and plots."""
-    import keras
     import mlflow
 
     from pipeline import tracking
@@ -421,6 +420,8 @@ def main(cfg, data_dir, train_dir, metrics_path, plots_dir, figures_dir) -> dict
     run = read_json(train_dir / "run.json")
     history = pd.read_csv(train_dir / "history.csv")
     with tracking.run_scope(cfg, run_id=run["run_id"]):
+        import keras  # once the store and the run are there: a store that fails does so without TensorFlow's seconds
+
         network = keras.models.load_model(train_dir / "model.keras").get_layer("network")
         splits = {"val": (data.val_x, data.val_y)}
         if data.test_x is not None:

@@ -43,7 +43,6 @@ def images_to_predict(raw) -> tuple[np.ndarray, np.ndarray]:
 
 def main(cfg: Config, raw_dir, train_dir, out_csv) -> Path:
     """The stage: raw images from the fetch stage through the saved model; CSV logged to the training run."""
-    import keras
     import mlflow
 
     from pipeline import fetch, tracking
@@ -53,6 +52,8 @@ def main(cfg: Config, raw_dir, train_dir, out_csv) -> Path:
     images, ids = images_to_predict(raw)
     run = read_json(Path(train_dir) / "run.json")
     with tracking.run_scope(cfg, run_id=run["run_id"]):
+        import keras  # once the store and the run are there: a store that fails does so without TensorFlow's seconds
+
         model = keras.models.load_model(Path(train_dir) / "model.keras")
         frame = predictions_frame(ids, predict_labels(model, images), raw.class_names, cfg.predict)
         out_csv = Path(out_csv)
