@@ -315,7 +315,7 @@ def postgres_database():
 # One server test, not one per backend store (each is a run and its reproduction, 150 s of the suite): what the
 # pipeline does over HTTP is the same whatever the server keeps its runs in. PostgreSQL, as README's shared server
 # has it, where a throwaway cluster can start (.ci/run installs it); else SQLite, the test's id saying why.
-SERVER_BACKEND = "postgresql" if postgres_missing() is None else f"sqlite (no PostgreSQL: {postgres_missing()})"
+SERVER_BACKEND = f"sqlite (no PostgreSQL: {why})" if (why := postgres_missing()) else "postgresql"
 
 
 @pytest.mark.slow
