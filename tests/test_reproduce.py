@@ -285,8 +285,8 @@ def postgres_missing() -> str | None:
 @contextlib.contextmanager
 def postgres_database():
     """A throwaway PostgreSQL cluster on 127.0.0.1 with an empty database `mlflow`; its SQLAlchemy URI."""
-    if postgres_missing():
-        pytest.skip(postgres_missing())
+    if why := postgres_missing():
+        pytest.skip(why)
     bindir = postgres_bin()
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # postgres refuses to run as root
     folder = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))  # not in tmp_path: pytest's folders are root's alone
